@@ -1,0 +1,111 @@
+"""The one exception hierarchy of dicommail.
+
+Every error a user can cause or meet derives from :class:`DicommailError` and
+carries a ``hint``: what to do about it.  The CLI shows message and hint and
+exits non-zero; daemons log them and carry on.  Messages never contain
+patient data (no names, no IDs from the DICOM header other than UIDs).
+"""
+
+from __future__ import annotations
+
+
+class DicommailError(Exception):
+    """Base class: something went wrong that a user can understand and act on."""
+
+    #: A short machine-readable reason code (used in --json output and, later,
+    #: in error notifications sent back over mail).
+    code = "error"
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(DicommailError):
+    """The configuration file is missing, malformed or has invalid values."""
+
+    code = "config"
+
+
+class InputError(DicommailError):
+    """A file or argument handed to dicommail cannot be used."""
+
+    code = "input"
+
+
+class NotDicomError(InputError):
+    """A file is not a readable DICOM Part 10 file."""
+
+    code = "not-dicom"
+
+
+# --- crypto -----------------------------------------------------------------
+
+
+class CryptoError(DicommailError):
+    """GnuPG failed or refused."""
+
+    code = "crypto"
+
+
+class KeyNotFoundError(CryptoError):
+    code = "key-not-found"
+
+
+class AmbiguousKeyError(CryptoError):
+    code = "key-ambiguous"
+
+
+class RecipientKeyError(CryptoError):
+    """We cannot encrypt to a recipient (no key, not certified, expired, revoked)."""
+
+    code = "recipient-key"
+
+
+class PassphraseError(CryptoError):
+    code = "passphrase"
+
+
+class DecryptionError(CryptoError):
+    """A mail could not be decrypted (not for us, tampered, truncated)."""
+
+    code = "decryption-failed"
+
+
+class SignatureError(CryptoError):
+    """A mail decrypted, but its signature is missing, bad or untrusted."""
+
+    code = "signer-untrusted"
+
+    def __init__(self, message: str, hint: str = "", fingerprint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.fingerprint = fingerprint
+
+
+# --- wire format ------------------------------------------------------------
+
+
+class WireFormatError(DicommailError):
+    """A mail does not follow the DICOM-Mail wire format."""
+
+    code = "malformed"
+
+
+class IncompleteSetError(WireFormatError):
+    """Parts or fragments of a set are missing."""
+
+    code = "incomplete"
+
+    def __init__(self, message: str, hint: str = "", missing_parts: list[int] | None = None) -> None:
+        super().__init__(message, hint)
+        self.missing_parts = missing_parts or []
+
+
+class IntegrityError(WireFormatError):
+    """A file does not match the manifest (size, SHA-256, UID)."""
+
+    code = "integrity"

@@ -1,0 +1,1 @@
+"""Durable state: atomic files and (later) the SQLite state database."""

@@ -1,0 +1,289 @@
+"""Streaming MIME: write parts to a file and walk a multipart file part by part.
+
+Mails of a study can be hundreds of megabytes; Python's ``email`` package
+holds a whole message in memory several times over.  These helpers keep
+memory bounded by one line (writing) or one header block (reading), so
+memory stays bounded by the chunk size, not by the study or even the mail.
+"""
+
+from __future__ import annotations
+
+import binascii
+import email.parser
+import email.policy
+import re
+import secrets
+from collections.abc import Iterable
+from email.message import Message
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from dicommail.errors import WireFormatError
+
+CRLF = b"\r\n"
+#: Mail files on disk use the Unix line end, as Maildir and mail tools do;
+#: SMTP turns it into CRLF on the wire.
+LF = b"\n"
+#: Base64 lines of 76 characters (RFC 2045) come from 57 input bytes.
+BASE64_LINE_INPUT = 57
+#: Encode this many bytes per write: a multiple of 57 so lines stay whole.
+BASE64_CHUNK = BASE64_LINE_INPUT * 1024
+#: Longest header block we accept; a real one is a few hundred bytes.
+MAX_HEADER_BLOCK = 64 * 1024
+#: Longest line we look at as a unit; longer "lines" are read in pieces.
+MAX_LINE = 1024 * 1024
+_UNSAFE_PARAM = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+_header_parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+def new_boundary() -> str:
+    # The "=_" sequence cannot occur in base64 or quoted-printable bodies.
+    return f"=_dicommail_{secrets.token_hex(12)}"
+
+
+def safe_param(value: str, fallback: str = "file") -> str:
+    """A MIME parameter value that cannot break out of its quotes or header line."""
+    cleaned = _UNSAFE_PARAM.sub("_", value).strip()
+    ascii_only = cleaned.encode("ascii", "replace").decode("ascii").replace("?", "_")
+    return ascii_only[:200] or fallback
+
+
+def header_block(fields: Iterable[tuple[str, str]], eol: bytes = CRLF) -> bytes:
+    """Render header fields, one per line; values must already be safe."""
+    lines = []
+    for name, value in fields:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"line break in header {name!r}")
+        lines.append(f"{name}: {value}".encode("ascii") + eol)
+    return b"".join(lines)
+
+
+def wire_size(path: Path) -> int:
+    """Size of a mail file once SMTP has turned its bare LF line ends into CRLF."""
+    size = lf = crlf = 0
+    last = b""
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+            size += len(chunk)
+            lf += chunk.count(b"\n")
+            crlf += chunk.count(b"\r\n") + (1 if last == b"\r" and chunk[:1] == b"\n" else 0)
+            last = chunk[-1:]
+    return size + lf - crlf
+
+
+def write_base64(source: BinaryIO, out: BinaryIO, hasher: "_Hasher | None" = None) -> int:
+    """Copy ``source`` to ``out`` as base64 lines of 76 characters; return bytes read."""
+    total = 0
+    while True:
+        chunk = source.read(BASE64_CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        if hasher is not None:
+            hasher.update(chunk)
+        encoded = binascii.b2a_base64(chunk, newline=False)
+        out.write(CRLF.join(encoded[i : i + 76] for i in range(0, len(encoded), 76)) + CRLF)
+    return total
+
+
+def base64_size(size: int) -> int:
+    """Bytes that :func:`write_base64` produces for ``size`` input bytes."""
+    encoded = (size + 2) // 3 * 4
+    lines = (encoded + 75) // 76
+    return encoded + 2 * lines
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+# --- reading ----------------------------------------------------------------
+
+
+class LeafSink(Protocol):
+    """Receives the decoded body of one non-multipart part."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PartHandler(Protocol):
+    """Decides, per leaf part, where its decoded body goes (``None``: skip it)."""
+
+    def open_leaf(self, headers: Message) -> LeafSink | None: ...
+
+
+class LineReader:
+    """Lines from a binary file, with one line of push-back."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._pushed: bytes | None = None
+
+    def readline(self) -> bytes:
+        if self._pushed is not None:
+            line, self._pushed = self._pushed, None
+            return line
+        return self._stream.readline(MAX_LINE)
+
+    def push_back(self, line: bytes) -> None:
+        self._pushed = line
+
+
+def read_headers(reader: LineReader) -> Message:
+    """Read a header block up to its empty line; parse it leniently."""
+    block = bytearray()
+    while True:
+        line = reader.readline()
+        if not line or line in (b"\r\n", b"\n"):
+            break
+        block += line
+        if len(block) > MAX_HEADER_BLOCK:
+            raise WireFormatError("a MIME header block is larger than 64 KiB", "the mail is malformed or hostile")
+    return _header_parser.parsebytes(bytes(block))
+
+
+def _boundary_of(headers: Message) -> bytes:
+    boundary = headers.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary or len(boundary) > 200:
+        raise WireFormatError(f"{headers.get_content_type()} part without a usable boundary")
+    return boundary.encode("ascii", "replace")
+
+
+def _matches(line: bytes, boundaries: tuple[bytes, ...]) -> bytes | None:
+    """The boundary this line delimits (``--b`` or ``--b--``), if any."""
+    if not line.startswith(b"--"):
+        return None
+    stripped = line.rstrip(b"\r\n").rstrip(b" \t")
+    for boundary in boundaries:
+        if stripped in (b"--" + boundary, b"--" + boundary + b"--"):
+            return boundary
+    return None
+
+
+def walk(reader: LineReader, headers: Message, handler: PartHandler, outer: tuple[bytes, ...] = ()) -> bytes | None:
+    """Consume the body of the entity whose ``headers`` were just read.
+
+    Leaf bodies are decoded and handed to ``handler``.  Returns the line that
+    ended the body (a delimiter of an enclosing multipart) or ``None`` at the
+    end of the file.
+    """
+    if headers.get_content_maintype() == "multipart":
+        return _walk_multipart(reader, headers, handler, outer)
+    sink = handler.open_leaf(headers)
+    decoder = _decoder_for(headers, sink)
+    pending_eol = b""
+    try:
+        while True:
+            line = reader.readline()
+            if not line:
+                decoder.feed(pending_eol)
+                return None
+            if _matches(line, outer):
+                # The line break before a delimiter belongs to the delimiter.
+                return line
+            decoder.feed(pending_eol)
+            if line.endswith(b"\r\n"):
+                body, pending_eol = line[:-2], b"\r\n"
+            elif line.endswith(b"\n"):
+                body, pending_eol = line[:-1], b"\n"
+            else:
+                body, pending_eol = line, b""
+            decoder.feed(body)
+    finally:
+        decoder.finish()
+
+
+def _walk_multipart(reader: LineReader, headers: Message, handler: PartHandler, outer: tuple[bytes, ...]) -> bytes | None:
+    boundary = _boundary_of(headers)
+    inner = (boundary, *outer)
+    # Preamble: skip to the first delimiter.
+    while True:
+        line = reader.readline()
+        if not line:
+            raise WireFormatError("multipart body ends before its first part")
+        hit = _matches(line, inner)
+        if hit == boundary:
+            break
+        if hit is not None:
+            return line
+    while True:
+        if line.rstrip(b"\r\n \t").endswith(boundary + b"--"):
+            # Epilogue: skip to an enclosing delimiter or the end.
+            while True:
+                line = reader.readline()
+                if not line or _matches(line, outer):
+                    return line or None
+        part_headers = read_headers(reader)
+        ended = walk(reader, part_headers, handler, inner)
+        if ended is None:
+            raise WireFormatError("multipart body is truncated: its closing delimiter is missing")
+        if _matches(ended, inner) != boundary:
+            return ended
+        line = ended
+
+
+class _Decoder:
+    def __init__(self, sink: LeafSink | None) -> None:
+        self.sink = sink
+
+    def feed(self, data: bytes) -> None:
+        if self.sink is not None and data:
+            self.sink.write(data)
+
+    def finish(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+class _Base64Decoder(_Decoder):
+    def __init__(self, sink: LeafSink | None) -> None:
+        super().__init__(sink)
+        self._rest = b""
+
+    def feed(self, data: bytes) -> None:
+        if self.sink is None:
+            return
+        data = self._rest + data.translate(None, b"\r\n \t")
+        usable = len(data) - len(data) % 4
+        self._rest = data[usable:]
+        if usable:
+            try:
+                self.sink.write(binascii.a2b_base64(data[:usable], strict_mode=True))
+            except binascii.Error as exc:
+                raise WireFormatError(f"invalid base64 in a MIME part: {exc}") from exc
+
+    def finish(self) -> None:
+        if self.sink is not None and self._rest.strip(b"="):
+            raise WireFormatError("base64 part is truncated (its length is not a multiple of 4)")
+        super().finish()
+
+
+class _QuotedPrintableDecoder(_Decoder):
+    def __init__(self, sink: LeafSink | None) -> None:
+        super().__init__(sink)
+        self._soft = False
+
+    def feed(self, data: bytes) -> None:
+        # Lines arrive without their break, breaks arrive alone: a line ending
+        # in "=" is a soft break, so its following CRLF is dropped.
+        if data in (b"\r\n", b"\n"):
+            if not self._soft:
+                super().feed(b"\r\n")
+            self._soft = False
+            return
+        self._soft = data.endswith(b"=")
+        super().feed(binascii.a2b_qp(data[:-1] if self._soft else data))
+
+
+def _decoder_for(headers: Message, sink: LeafSink | None) -> _Decoder:
+    encoding = str(headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if encoding == "base64":
+        return _Base64Decoder(sink)
+    if encoding == "quoted-printable":
+        return _QuotedPrintableDecoder(sink)
+    if encoding in ("7bit", "8bit", "binary"):
+        return _Decoder(sink)
+    raise WireFormatError(f"unknown Content-Transfer-Encoding {encoding!r}")

@@ -1,0 +1,355 @@
+"""Packing: a study becomes a set of signed, encrypted DICOM-Mail messages.
+
+Each mail is built in three streaming steps, so memory stays bounded by a
+copy buffer whatever the study size:
+
+1. the inner MIME entity (``multipart/mixed``: DICOM parts, optional note and
+   attachments, the manifest) is written to a scratch file;
+2. gpg signs and encrypts it in one pass into an ASCII-armored file;
+3. the outer PGP/MIME mail (RFC 3156) wraps the armor; a mail still over the
+   size limit is split into ``message/partial`` fragments.
+
+Mails are built in parallel (one gpg process each) because gpg uses one core.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import shutil
+import io
+import mimetypes
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from dicommail import __version__
+from dicommail.crypto.gpg import Keyring
+from dicommail.dicom import DicomFile
+from dicommail.errors import InputError
+from dicommail.store.files import fsync_dir, fsync_file, scratch_dir
+from dicommail.wire import headers as h
+from dicommail.wire.manifest import Manifest, ManifestEntry
+from dicommail.wire.mime import CRLF, LF, base64_size, header_block, new_boundary, safe_param, wire_size, write_base64
+from dicommail.wire.partial import split_mail
+
+#: Outer header fields and the PGP/MIME frame around the armor.
+OUTER_OVERHEAD = 2048
+#: Signature, session key and packet headers added by OpenPGP (RSA-4096 at most).
+OPENPGP_OVERHEAD = 4096
+#: Part headers of one file inside the encrypted entity.
+PART_OVERHEAD = 400
+#: Manifest bytes per listed file (UIDs, name, hash) and fixed.
+MANIFEST_PER_FILE = 640
+MANIFEST_FIXED = 1024
+#: A wire-size estimate is kept this much under the limit, for rounding.
+SAFETY_MARGIN = 0.99
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    sender: str
+    recipient: str
+    signer: str
+    max_mail_size: int
+    passphrase: str | None = None
+    compression_level: int = 1
+    uid_root: str = ""
+    note: str = ""
+    attachments: tuple[Path, ...] = ()
+    emergency: bool = False
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class PackedMail:
+    path: Path
+    set_part: int
+    message_id: str
+    size: int  # on the wire, with CRLF line ends
+    fragment: int = 0  # 0: a whole mail; n: fragment n of ``fragments``
+    fragments: int = 0
+
+
+@dataclass
+class PackedSet:
+    set_id: str
+    study_uid: str
+    recipient: str
+    file_count: int
+    byte_count: int
+    set_total: int
+    mails: list[PackedMail] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One file to send: a DICOM instance or an attachment."""
+
+    path: Path
+    size: int
+    kind: str
+    content_id: str
+    name: str
+    media_type: str
+    dicom: DicomFile | None = None
+
+
+def estimate_wire_size(items: Sequence[_Item], note: str = "") -> int:
+    """An upper bound of the mail size on the wire, assuming nothing compresses."""
+    inner = 1024 + MANIFEST_FIXED + len(note.encode()) * 3
+    for item in items:
+        inner += PART_OVERHEAD + MANIFEST_PER_FILE + base64_size(item.size)
+    binary = inner + OPENPGP_OVERHEAD
+    armored = (binary + 2) // 3 * 4
+    armored += (armored + 63) // 64 * 2 + 128  # CRLF per 64-character line, armor lines
+    return OUTER_OVERHEAD + armored
+
+
+def plan_parts(items: Sequence[_Item], max_mail_size: int, note: str = "") -> list[list[_Item]]:
+    """Group items into mails under ``max_mail_size``, in order, never splitting a file.
+
+    The note and attachments ride in part 1.  An item that alone exceeds the
+    limit gets a mail of its own, which is later fragmented.
+    """
+    limit = int(max_mail_size * SAFETY_MARGIN)
+    parts: list[list[_Item]] = []
+    current: list[_Item] = []
+    for item in items:
+        note_here = note if not parts else ""
+        if current and estimate_wire_size([*current, item], note_here) > limit:
+            parts.append(current)
+            current = []
+        current.append(item)
+    if current or not parts:
+        parts.append(current)
+    return parts
+
+
+def _items_for(files: Sequence[DicomFile], attachments: Sequence[Path]) -> list[_Item]:
+    items = []
+    for path in attachments:
+        if not path.is_file():
+            raise InputError(f"attachment {path} is not a readable file")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        items.append(_Item(path, path.stat().st_size, "attachment", "", path.name, media_type))
+    items += [_Item(f.path, f.size, "dicom", "", f.path.name, "application/dicom", f) for f in files]
+    return [
+        _Item(i.path, i.size, i.kind, f"f{n:05d}", i.name, i.media_type, i.dicom) for n, i in enumerate(items, 1)
+    ]
+
+
+class Packer:
+    """Packs studies for one sender/recipient pair into ``out_dir``."""
+
+    def __init__(self, keyring: Keyring, options: PackOptions, progress: Callable[[int], None] | None = None) -> None:
+        self.keyring = keyring
+        self.options = options
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def pack(self, files: Sequence[DicomFile], out_dir: Path) -> PackedSet:
+        """Write the set for one study; all its mails appear in ``out_dir`` or none do."""
+        if not files:
+            raise InputError("no DICOM files to pack")
+        studies = {f.study_uid for f in files}
+        if len(studies) != 1:
+            raise InputError(f"a set carries one study, got {len(studies)}")
+        options = self.options
+        items = _items_for(files, options.attachments)
+        set_id = h.new_set_id(options.uid_root)
+        parts = plan_parts(items, options.max_mail_size, options.note)
+        packed = PackedSet(
+            set_id=set_id,
+            study_uid=files[0].study_uid,
+            recipient=options.recipient,
+            file_count=len(items),
+            byte_count=sum(i.size for i in items),
+            set_total=len(parts),
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with scratch_dir(out_dir, ".dicommail-pack-") as work:
+            jobs = [(number, part) for number, part in enumerate(parts, 1)]
+            with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+                results = list(pool.map(lambda job: self._build_mail(packed, job[0], job[1], work), jobs))
+            # Only now that every mail exists: move them into place, durably.
+            for mails in results:
+                for mail in mails:
+                    final = out_dir / mail.path.name
+                    fsync_file(mail.path)
+                    mail.path.replace(final)
+                    packed.mails.append(
+                        PackedMail(final, mail.set_part, mail.message_id, mail.size, mail.fragment, mail.fragments)
+                    )
+            fsync_dir(out_dir)
+        return packed
+
+    # -- one mail -------------------------------------------------------------
+
+    def _build_mail(self, packed: PackedSet, number: int, items: list[_Item], work: Path) -> list[PackedMail]:
+        options = self.options
+        stem = f"{packed.set_id}-{number:04d}"
+        inner = work / f"{stem}.inner"
+        armored = work / f"{stem}.asc"
+        with inner.open("wb") as out:
+            self._write_inner(out, packed, number, items)
+        self.keyring.sign_encrypt_file(
+            inner,
+            armored,
+            recipient=options.recipient,
+            signer=options.signer,
+            passphrase=options.passphrase,
+            compress_level=options.compression_level,
+        )
+        inner.unlink()
+        message_id = h.new_message_id(options.sender)
+        subject = f"DICOM-Mail {packed.set_id} ({number}/{packed.set_total})"
+        if options.emergency:
+            subject = "EMERGENCY: " + subject
+        mail = work / f"{stem}.eml"
+        with mail.open("wb") as out:
+            self._write_outer(out, packed, number, message_id, subject, armored)
+        armored.unlink()
+        size = wire_size(mail)
+        if size <= options.max_mail_size:
+            return [PackedMail(mail, number, message_id, size)]
+        pieces = split_mail(
+            mail, options.max_mail_size, work, stem, message_id.strip("<>").partition("@")[0], subject, options.sender
+        )
+        mail.unlink()
+        return [
+            PackedMail(p, number, message_id, wire_size(p), i, len(pieces)) for i, p in enumerate(pieces, 1)
+        ]
+
+    def _write_inner(self, out: BinaryIO, packed: PackedSet, number: int, items: list[_Item]) -> None:
+        options = self.options
+        boundary = new_boundary()
+        out.write(
+            header_block(
+                [
+                    ("MIME-Version", "1.0"),
+                    ("Content-Type", f'multipart/mixed; boundary="{boundary}"'),
+                    (h.SETID, packed.set_id),
+                    (h.SETPART, str(number)),
+                    (h.SETTOTAL, str(packed.set_total)),
+                    (h.STUDYID, packed.study_uid),
+                ]
+            )
+            + CRLF
+        )
+        delimiter = f"--{boundary}".encode() + CRLF
+        if number == 1 and options.note:
+            out.write(delimiter)
+            out.write(header_block([("Content-Type", "text/plain; charset=utf-8"), ("Content-Transfer-Encoding", "base64")]))
+            out.write(CRLF)
+            out.write(_base64_bytes(options.note.encode("utf-8")))
+        entries = []
+        for item in items:
+            name = safe_param(item.name)
+            fields = [
+                ("Content-Type", f'{item.media_type}; name="{name}"'),
+                ("Content-Transfer-Encoding", "base64"),
+                ("Content-Disposition", f'attachment; filename="{name}"'),
+                ("Content-ID", f"<{item.content_id}.{packed.set_id}@dicommail>"),
+            ]
+            out.write(delimiter + header_block(fields) + CRLF)
+            digest = hashlib.sha256()
+            with item.path.open("rb") as source:
+                size = write_base64(source, out, digest)
+            if size != item.size:
+                raise InputError(f"{item.path} changed while it was being packed", "pack the study again")
+            entries.append(
+                ManifestEntry(
+                    content_id=f"{item.content_id}.{packed.set_id}@dicommail",
+                    name=item.name,
+                    kind=item.kind,
+                    size=size,
+                    sha256=digest.hexdigest(),
+                    media_type=item.media_type,
+                    sop_instance_uid=item.dicom.sop_instance_uid if item.dicom else "",
+                    sop_class_uid=item.dicom.sop_class_uid if item.dicom else "",
+                    transfer_syntax_uid=item.dicom.transfer_syntax_uid if item.dicom else "",
+                )
+            )
+            self._advance(size)
+        manifest = Manifest(
+            set_id=packed.set_id,
+            study_instance_uid=packed.study_uid,
+            set_part=number,
+            set_total=packed.set_total,
+            set_files=packed.file_count,
+            set_bytes=packed.byte_count,
+            files=entries,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            generator=f"dicommail {__version__}",
+        )
+        out.write(delimiter)
+        out.write(
+            header_block(
+                [
+                    ("Content-Type", f'{h.MANIFEST_TYPE}; name="{h.MANIFEST_NAME}"'),
+                    ("Content-Transfer-Encoding", "7bit"),
+                    ("Content-Disposition", f'attachment; filename="{h.MANIFEST_NAME}"'),
+                ]
+            )
+            + CRLF
+        )
+        out.write(manifest.to_json())
+        out.write(f"--{boundary}--".encode() + CRLF)
+
+    def _write_outer(
+        self, out: BinaryIO, packed: PackedSet, number: int, message_id: str, subject: str, armored: Path
+    ) -> None:
+        options = self.options
+        boundary = new_boundary()
+        fields = [
+            ("From", options.sender),
+            ("To", options.recipient),
+            ("Date", email.utils.formatdate(localtime=True)),
+            ("Subject", subject),
+            ("Message-ID", message_id),
+            ("MIME-Version", "1.0"),
+            ("Content-Type", f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{boundary}"'),
+            ("Disposition-Notification-To", options.sender),
+            (h.NOTIFICATION_TO, options.sender),
+            (h.SETID, packed.set_id),
+            (h.SETPART, str(number)),
+            (h.SETTOTAL, str(packed.set_total)),
+            ("X-Mailer", f"dicommail {__version__}"),
+        ]
+        if options.emergency:
+            fields += [("X-Priority", "1 (Highest)"), ("Importance", "high"), ("Priority", "urgent")]
+        out.write(header_block(fields, LF) + LF)
+        out.write(b"This is an OpenPGP/MIME encrypted message (RFC 3156)." + LF)
+        out.write(f"--{boundary}".encode() + LF)
+        out.write(header_block([("Content-Type", "application/pgp-encrypted")], LF))
+        out.write(LF + b"Version: 1" + LF + LF)
+        out.write(f"--{boundary}".encode() + LF)
+        out.write(
+            header_block(
+                [
+                    ("Content-Type", 'application/octet-stream; name="encrypted.asc"'),
+                    ("Content-Disposition", 'inline; filename="encrypted.asc"'),
+                ],
+                LF,
+            )
+            + LF
+        )
+        with armored.open("rb") as source:
+            shutil.copyfileobj(source, out, 1024 * 1024)
+        out.write(LF + f"--{boundary}--".encode() + LF)
+
+    def _advance(self, size: int) -> None:
+        if self._progress is not None:
+            with self._lock:
+                self._progress(size)
+
+
+def _base64_bytes(data: bytes) -> bytes:
+    out = io.BytesIO()
+    write_base64(io.BytesIO(data), out)
+    return out.getvalue()

@@ -1,0 +1,574 @@
+"""Unpacking: DICOM-Mail messages become verified files again.
+
+Three stages, each usable on its own (the receiving daemon persists between
+them):
+
+* :func:`read_envelope` classifies a raw mail: a fragment or a whole mail;
+  :func:`dicommail.wire.partial.join_fragments` rebuilds whole mails;
+* :func:`open_mail` decrypts one whole mail, checks its signer against the
+  trust rule and decodes its parts into a work directory;
+* :func:`verify_set` proves a set complete and intact (manifest or, for
+  other @GIT senders, SETTOTAL) and :func:`write_set` moves it into place,
+  all files or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+
+from dicommail.crypto.gpg import Keyring, Verification
+from dicommail.dicom import DicomFile, read_dicom_info
+from dicommail.errors import (
+    DicommailError,
+    IncompleteSetError,
+    InputError,
+    IntegrityError,
+    NotDicomError,
+    SignatureError,
+    WireFormatError,
+)
+from dicommail.store.files import atomic_writer, fsync_dir, fsync_file, scratch_dir
+from dicommail.wire import headers as h
+from dicommail.wire.manifest import MAX_MANIFEST_SIZE, Manifest
+from dicommail.wire.mime import LeafSink, LineReader, read_headers, walk
+from dicommail.wire.partial import FragmentInfo, format_ranges, fragment_info, join_fragments
+
+#: A set claiming more parts than this is refused before anything is buffered.
+MAX_SET_TOTAL = 100_000
+#: Note text above this size is not a note.
+MAX_NOTE_SIZE = 1024 * 1024
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the outer header of a raw mail says, before any decryption."""
+
+    path: Path
+    message_id: str
+    sender: str
+    fragment: FragmentInfo | None
+    set_id: str
+    set_part: int | None
+    set_total: int | None
+
+
+@dataclass
+class ReceivedFile:
+    content_id: str
+    name: str
+    media_type: str
+    kind: str  # "dicom" or "attachment"
+    path: Path
+    size: int
+    sha256: str
+    dicom: DicomFile | None = None
+
+
+@dataclass
+class ReceivedPart:
+    """One decrypted, signature-checked set part, its files decoded on disk."""
+
+    set_id: str
+    set_part: int
+    set_total: int
+    study_uid: str
+    message_id: str
+    signer: Verification
+    files: list[ReceivedFile]
+    manifest: Manifest | None
+    note: str = ""
+
+
+@dataclass
+class VerifiedSet:
+    set_id: str
+    study_uid: str
+    signer: Verification
+    parts: list[ReceivedPart]
+    files: list[ReceivedFile]
+    note: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def dicom_files(self) -> list[ReceivedFile]:
+        return [f for f in self.files if f.kind == "dicom"]
+
+
+def _int_header(headers: Message, name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError as exc:
+        raise WireFormatError(f"header {name} is not a number") from exc
+
+
+def read_envelope(path: Path) -> Envelope:
+    """Read a raw mail's outer header; raise :class:`WireFormatError` if it is no DICOM-Mail."""
+    try:
+        with path.open("rb") as handle:
+            headers = read_headers(LineReader(handle))
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    fragment = fragment_info(headers)
+    if fragment is None and headers.get_content_type() != "multipart/encrypted":
+        raise WireFormatError(
+            f"{path.name} is not an encrypted DICOM-Mail (Content-Type {headers.get_content_type()})",
+            "only signed and encrypted PGP/MIME mails are accepted",
+        )
+    set_id = str(headers.get(h.SETID, "")).strip()
+    return Envelope(
+        path=path,
+        message_id=str(headers.get("Message-ID", "")).strip(),
+        sender=str(headers.get("From", "")).strip(),
+        fragment=fragment,
+        set_id=set_id,
+        set_part=_int_header(headers, h.SETPART),
+        set_total=_int_header(headers, h.SETTOTAL),
+    )
+
+
+# --- one mail ---------------------------------------------------------------
+
+
+class _FileSink:
+    def __init__(self, path: Path, limit: int | None = None) -> None:
+        self.path = path
+        self.handle = path.open("wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.limit = limit
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            raise WireFormatError("a part is larger than allowed")
+        self.digest.update(data)
+        self.handle.write(data)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class _MemorySink:
+    def __init__(self, limit: int, what: str) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.what = what
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > self.limit:
+            raise WireFormatError(f"the {self.what} is larger than {self.limit} bytes")
+
+    def close(self) -> None:
+        pass
+
+
+class _OuterHandler:
+    """Takes the two parts of an RFC 3156 ``multipart/encrypted`` body."""
+
+    def __init__(self, armored: Path) -> None:
+        self.armored_path = armored
+        self.control: _MemorySink | None = None
+        self.payload: _FileSink | None = None
+
+    def open_leaf(self, headers: Message) -> LeafSink | None:
+        media = headers.get_content_type()
+        if media == "application/pgp-encrypted" and self.control is None:
+            self.control = _MemorySink(4096, "PGP/MIME control part")
+            return self.control
+        if media == "application/octet-stream" and self.payload is None:
+            self.payload = _FileSink(self.armored_path)
+            return self.payload
+        return None
+
+
+class _InnerHandler:
+    """Decodes the parts of the decrypted entity into files of a work directory."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.files: list[tuple[Message, _FileSink]] = []
+        self.manifest: _MemorySink | None = None
+        self.notes: list[_MemorySink] = []
+
+    def open_leaf(self, headers: Message) -> LeafSink | None:
+        media = headers.get_content_type()
+        disposition = str(headers.get("Content-Disposition", "")).lower()
+        if media == h.MANIFEST_TYPE:
+            if self.manifest is not None:
+                raise WireFormatError("a set part carries two manifests")
+            self.manifest = _MemorySink(MAX_MANIFEST_SIZE, "manifest")
+            return self.manifest
+        if media == "text/plain" and not disposition.startswith("attachment") and not headers.get_filename():
+            note = _MemorySink(MAX_NOTE_SIZE, "note text")
+            self.notes.append(note)
+            return note
+        sink = _FileSink(self.work / f"{len(self.files) + 1:05d}.part")
+        self.files.append((headers, sink))
+        return sink
+
+
+def open_mail(
+    path: Path, keyring: Keyring, work: Path, *, max_output: int, passphrase: str | None = None
+) -> ReceivedPart:
+    """Decrypt and decode one whole mail into ``work`` (which the caller owns and removes)."""
+    work.mkdir(parents=True, exist_ok=True)
+    armored = work / "payload.asc"
+    with path.open("rb") as handle:
+        reader = LineReader(handle)
+        outer = read_headers(reader)
+        if outer.get_content_type() != "multipart/encrypted" or (
+            str(outer.get_param("protocol", "")).lower() != "application/pgp-encrypted"
+        ):
+            raise WireFormatError(
+                "the mail is not PGP/MIME encrypted (RFC 3156)", "only signed and encrypted mails are accepted"
+            )
+        handler = _OuterHandler(armored)
+        walk(reader, outer, handler)
+    if handler.control is None or b"version: 1" not in bytes(handler.control.data).lower():
+        raise WireFormatError("the PGP/MIME control part (Version: 1) is missing")
+    if handler.payload is None or handler.payload.size == 0:
+        raise WireFormatError("the PGP/MIME encrypted part is missing or empty")
+
+    inner_path = work / "inner.mime"
+    signer = keyring.decrypt_verify_file(armored, inner_path, max_output=max_output, passphrase=passphrase)
+    armored.unlink()
+    inner_handler = _InnerHandler(work)
+    with inner_path.open("rb") as handle:
+        reader = LineReader(handle)
+        inner = read_headers(reader)
+        walk(reader, inner, inner_handler)
+    inner_path.unlink()
+    return _to_part(outer, inner, inner_handler, signer)
+
+
+def _to_part(outer: Message, inner: Message, handler: _InnerHandler, signer: Verification) -> ReceivedPart:
+    message_id = str(outer.get("Message-ID", "")).strip()
+    # The signed inner headers are authoritative; the outer copies must agree.
+    set_id = str(inner.get(h.SETID, "") or "").strip()
+    for name in (h.SETID, h.SETPART, h.SETTOTAL):
+        if outer.get(name) is not None and inner.get(name) is not None and (
+            str(outer.get(name)).strip() != str(inner.get(name)).strip()
+        ):
+            raise WireFormatError(
+                f"the outer header {name} differs from the signed one inside the encryption",
+                "the mail was altered in transit; ask the sender to send it again",
+            )
+    set_part = _int_header(inner, h.SETPART) or 1
+    set_total = _int_header(inner, h.SETTOTAL) or 1
+    if not set_id:
+        # A single mail from a sender that does not use sets: it is its own set.
+        set_id = "msg-" + hashlib.sha256(message_id.encode()).hexdigest()[:32]
+    if not h.is_set_id(set_id):
+        raise WireFormatError("the set ID is malformed")
+    if not 1 <= set_part <= set_total <= MAX_SET_TOTAL:
+        raise WireFormatError(f"set part {set_part} of {set_total} is out of range (at most {MAX_SET_TOTAL} parts)")
+    study_uid = str(inner.get(h.STUDYID, "") or "").strip()
+    if study_uid and not h.is_study_id(study_uid):
+        raise WireFormatError("the X-TELEMEDICINE-STUDYID header is malformed")
+
+    manifest = Manifest.from_json(bytes(handler.manifest.data)) if handler.manifest else None
+    entries = {e.content_id: e for e in manifest.files} if manifest else {}
+    files = []
+    for number, (headers, sink) in enumerate(handler.files, 1):
+        content_id = str(headers.get("Content-ID", "")).strip().strip("<>")
+        entry = entries.get(content_id)
+        media = headers.get_content_type()
+        kind = "dicom" if media == "application/dicom" else "attachment"
+        name = entry.name if entry else str(headers.get_filename() or headers.get_param("name") or "")
+        label = f"part {set_part}, file {number}"
+        received = ReceivedFile(
+            content_id=content_id,
+            name=name,
+            media_type=media,
+            kind=kind,
+            path=sink.path,
+            size=sink.size,
+            sha256=sink.digest.hexdigest(),
+        )
+        if kind == "dicom":
+            try:
+                received.dicom = read_dicom_info(sink.path, label=label)
+            except NotDicomError as exc:
+                raise NotDicomError(
+                    f"{label} is labelled application/dicom but is not a DICOM file ({exc.message})",
+                    "the sender packed a damaged or wrong file; ask for the study again",
+                ) from exc
+        files.append(received)
+    note = "\n".join(bytes(n.data).decode("utf-8", "replace") for n in handler.notes).strip()
+    return ReceivedPart(
+        set_id=set_id,
+        set_part=set_part,
+        set_total=set_total,
+        study_uid=study_uid,
+        message_id=message_id,
+        signer=signer,
+        files=files,
+        manifest=manifest,
+        note=note,
+    )
+
+
+# --- a whole set -------------------------------------------------------------
+
+
+def missing_parts(parts: Sequence[ReceivedPart]) -> list[int]:
+    total = parts[0].set_total if parts else 0
+    have = {p.set_part for p in parts}
+    return [n for n in range(1, total + 1) if n not in have]
+
+
+def verify_set(parts: Sequence[ReceivedPart]) -> VerifiedSet:
+    """Prove that ``parts`` (one set, any order, duplicates allowed) are complete and intact."""
+    if not parts:
+        raise IncompleteSetError("no parts of the set were received")
+    by_number: dict[int, ReceivedPart] = {}
+    for part in parts:
+        by_number.setdefault(part.set_part, part)
+    first = by_number[min(by_number)]
+    set_id = first.set_id
+    for part in by_number.values():
+        if part.set_id != set_id:
+            raise WireFormatError("parts of different sets were given as one set")
+        if part.set_total != first.set_total:
+            raise WireFormatError(
+                f"set {set_id}: parts disagree about the number of parts ({first.set_total} vs {part.set_total})"
+            )
+        if part.signer.fingerprint != first.signer.fingerprint:
+            raise SignatureError(
+                f"set {set_id}: parts are signed by different keys "
+                f"({first.signer.fingerprint} and {part.signer.fingerprint})",
+                "a set must come from one sender; this one is refused",
+                fingerprint=part.signer.fingerprint,
+            )
+        if part.study_uid != first.study_uid:
+            raise WireFormatError(f"set {set_id}: parts name different studies")
+    missing = missing_parts(list(by_number.values()))
+    if missing:
+        raise IncompleteSetError(
+            f"set {set_id}: {len(missing)} of {first.set_total} parts are missing: {format_ranges(missing)}",
+            "wait for the missing mails, or ask the sender to send those parts again",
+            missing_parts=missing,
+        )
+    ordered = [by_number[n] for n in sorted(by_number)]
+    files = [f for p in ordered for f in p.files]
+    warnings: list[str] = []
+    with_manifest = [p for p in ordered if p.manifest is not None]
+    if with_manifest and len(with_manifest) != len(ordered):
+        raise IntegrityError(f"set {set_id}: some parts carry a manifest and others do not")
+    if with_manifest:
+        _check_manifests(set_id, ordered)
+    else:
+        warnings.append("the sender sent no manifest: completeness rests on SETTOTAL and DICOM validity only")
+    if not any(f.kind == "dicom" for f in files):
+        raise IntegrityError(f"set {set_id} contains no DICOM files")
+    seen: dict[str, str] = {}
+    for item in files:
+        if item.dicom is None:
+            continue
+        previous = seen.setdefault(item.dicom.sop_instance_uid, item.sha256)
+        if previous != item.sha256:
+            raise IntegrityError(f"set {set_id}: two different files claim SOP Instance UID {item.dicom.sop_instance_uid}")
+    study_uid = first.study_uid or next(f.dicom.study_uid for f in files if f.dicom)
+    return VerifiedSet(
+        set_id=set_id,
+        study_uid=study_uid,
+        signer=first.signer,
+        parts=ordered,
+        files=files,
+        note="\n\n".join(p.note for p in ordered if p.note),
+        warnings=warnings,
+    )
+
+
+def _check_manifests(set_id: str, parts: Sequence[ReceivedPart]) -> None:
+    total_files = 0
+    total_bytes = 0
+    reference = parts[0].manifest
+    assert reference is not None
+    for part in parts:
+        manifest = part.manifest
+        assert manifest is not None
+        if (manifest.set_id, manifest.set_part, manifest.set_total) != (part.set_id, part.set_part, part.set_total):
+            raise IntegrityError(f"set {set_id}: the manifest of part {part.set_part} names another set or part")
+        if (manifest.set_files, manifest.set_bytes) != (reference.set_files, reference.set_bytes):
+            raise IntegrityError(f"set {set_id}: manifests disagree about the set's totals")
+        received = {f.content_id: f for f in part.files}
+        listed = {e.content_id for e in manifest.files}
+        unlisted = sorted(set(received) - listed)
+        if unlisted:
+            raise IntegrityError(f"set {set_id}, part {part.set_part}: {len(unlisted)} file(s) not in the manifest")
+        for entry in manifest.files:
+            item = received.get(entry.content_id)
+            where = f"set {set_id}, part {part.set_part}, file {entry.content_id.partition('.')[0]}"
+            if item is None:
+                raise IntegrityError(f"{where}: listed in the manifest but missing from the mail")
+            if item.size != entry.size or item.sha256 != entry.sha256:
+                raise IntegrityError(f"{where}: size or SHA-256 differs from the manifest; the file is damaged")
+            if entry.kind == "dicom" and (item.dicom is None or item.dicom.sop_instance_uid != entry.sop_instance_uid):
+                raise IntegrityError(f"{where}: its SOP Instance UID differs from the manifest")
+            total_files += 1
+            total_bytes += item.size
+    if (total_files, total_bytes) != (reference.set_files, reference.set_bytes):
+        raise IncompleteSetError(
+            f"set {set_id}: the parts hold {total_files} files ({total_bytes} bytes) "
+            f"but the manifest announces {reference.set_files} ({reference.set_bytes} bytes)",
+            "ask the sender to send the set again",
+        )
+
+
+def safe_file_name(name: str, fallback: str) -> str:
+    """A plain file name: no directories, no traversal, no control characters."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE_NAME.sub("_", base).strip().lstrip(".").strip()
+    return base[:200] if base else fallback
+
+
+def write_set(verified: VerifiedSet, out_dir: Path) -> Path:
+    """Move a verified set's files to ``out_dir/<set id>/``: all of them, or none."""
+    final = out_dir / verified.set_id
+    if final.exists():
+        raise InputError(f"{final} already exists: set {verified.set_id} was unpacked before", "remove it to unpack again")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    with scratch_dir(out_dir, ".dicommail-set-") as staging:
+        receipt_files = []
+        for item in verified.files:
+            fallback = f"{item.dicom.sop_instance_uid}.dcm" if item.dicom else item.content_id or "attachment"
+            name = safe_file_name(item.name, safe_file_name(fallback, "file"))
+            if name != item.name and item.name:
+                verified.warnings.append(f"file name {item.name!r} was not safe and was saved as {name!r}")
+            stem, dot, suffix = name.rpartition(".")
+            candidate, counter = name, 1
+            while candidate.lower() in used or candidate.lower().startswith("dicommail-"):
+                counter += 1
+                candidate = f"{stem}-{counter}{dot}{suffix}" if dot else f"{name}-{counter}"
+            used.add(candidate.lower())
+            shutil.move(item.path, staging / candidate)
+            fsync_file(staging / candidate)
+            item.path = final / candidate
+            receipt_files.append(
+                {
+                    "name": candidate,
+                    "kind": item.kind,
+                    "sop_instance_uid": item.dicom.sop_instance_uid if item.dicom else "",
+                    "size": item.size,
+                    "sha256": item.sha256,
+                }
+            )
+        if verified.note:
+            with atomic_writer(staging / "dicommail-note.txt") as handle:
+                handle.write(verified.note.encode("utf-8"))
+        receipt = {
+            "set_id": verified.set_id,
+            "study_instance_uid": verified.study_uid,
+            "signer": verified.signer.fingerprint,
+            "signer_user_id": verified.signer.user_id,
+            "parts": len(verified.parts),
+            "files": receipt_files,
+            "warnings": verified.warnings,
+        }
+        with atomic_writer(staging / "dicommail-set.json") as handle:
+            handle.write(json.dumps(receipt, indent=1).encode("utf-8"))
+        fsync_dir(staging)
+        staging.rename(final)
+        staging.mkdir()  # scratch_dir removes it again
+    fsync_dir(out_dir)
+    return final
+
+
+# --- the offline operation: files in, sets out --------------------------------
+
+
+@dataclass
+class SetOutcome:
+    set_id: str
+    ok: bool
+    parts_received: int
+    set_total: int
+    directory: Path | None = None
+    dicom_files: int = 0
+    other_files: int = 0
+    signer: str = ""
+    error: DicommailError | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UnpackReport:
+    sets: list[SetOutcome] = field(default_factory=list)
+    rejected: list[tuple[Path, DicommailError]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected and bool(self.sets) and all(s.ok for s in self.sets)
+
+
+def unpack_files(
+    paths: Sequence[Path], keyring: Keyring, out_dir: Path, *, max_output: int, passphrase: str | None = None
+) -> UnpackReport:
+    """Unpack mails given in any order, with duplicates: every complete, verified set goes to ``out_dir``."""
+    report = UnpackReport()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(out_dir, ".dicommail-work-") as work:
+        whole: list[Path] = []
+        fragments: dict[str, list[tuple[FragmentInfo, Path]]] = {}
+        for path in paths:
+            try:
+                envelope = read_envelope(path)
+            except DicommailError as exc:
+                report.rejected.append((path, exc))
+                continue
+            if envelope.fragment is None:
+                whole.append(path)
+            else:
+                fragments.setdefault(envelope.fragment.id, []).append((envelope.fragment, path))
+        for number, members in enumerate(fragments.values(), 1):
+            joined = work / f"joined-{number}.eml"
+            try:
+                join_fragments(members, joined)
+            except DicommailError as exc:
+                report.rejected.append((members[0][1], exc))
+                continue
+            whole.append(joined)
+
+        parts: dict[str, list[ReceivedPart]] = {}
+        for number, path in enumerate(whole, 1):
+            try:
+                part = open_mail(path, keyring, work / f"mail-{number}", max_output=max_output, passphrase=passphrase)
+            except DicommailError as exc:
+                report.rejected.append((path, exc))
+                continue
+            parts.setdefault(part.set_id, []).append(part)
+
+        for set_id, members in parts.items():
+            outcome = SetOutcome(
+                set_id=set_id,
+                ok=False,
+                parts_received=len({p.set_part for p in members}),
+                set_total=members[0].set_total,
+                signer=members[0].signer.fingerprint,
+            )
+            try:
+                verified = verify_set(members)
+                outcome.directory = write_set(verified, out_dir)
+            except DicommailError as exc:
+                outcome.error = exc
+            else:
+                outcome.ok = True
+                outcome.dicom_files = len(verified.dicom_files)
+                outcome.other_files = len(verified.files) - outcome.dicom_files
+                outcome.warnings = verified.warnings
+            report.sets.append(outcome)
+    return report
