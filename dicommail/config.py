@@ -173,9 +173,9 @@ def parse_config(raw: dict[str, Any], home: Path, source: str = "config") -> Con
     peers: dict[str, PeerConfig] = {}
     for peer_address, peer_raw in peers_raw.items():
         if not is_mail_address(peer_address) or not isinstance(peer_raw, dict):
-            raise ConfigError(f"{source}: [peers.\"{peer_address}\"] must name a mail address and be a table")
-        reader.only_keys(peer_raw, f"peers.\"{peer_address}\"", ("max_mail_size",))
-        size = reader.size(peer_raw, f"peers.\"{peer_address}\".max_mail_size", None)
+            raise ConfigError(f'{source}: [peers."{peer_address}"] must name a mail address and be a table')
+        reader.only_keys(peer_raw, f'peers."{peer_address}"', ("max_mail_size",))
+        size = reader.size(peer_raw, f'peers."{peer_address}".max_mail_size', None)
         peers[peer_address.lower()] = PeerConfig(address=peer_address, max_mail_size=size)
 
     return Config(

@@ -72,7 +72,7 @@ def wire_size(path: Path) -> int:
     return size + lf - crlf
 
 
-def write_base64(source: BinaryIO, out: BinaryIO, hasher: "_Hasher | None" = None) -> int:
+def write_base64(source: BinaryIO, out: BinaryIO, hasher: _Hasher | None = None) -> int:
     """Copy ``source`` to ``out`` as base64 lines of 76 characters; return bytes read."""
     total = 0
     while True:
@@ -196,7 +196,9 @@ def walk(reader: LineReader, headers: Message, handler: PartHandler, outer: tupl
         decoder.finish()
 
 
-def _walk_multipart(reader: LineReader, headers: Message, handler: PartHandler, outer: tuple[bytes, ...]) -> bytes | None:
+def _walk_multipart(
+    reader: LineReader, headers: Message, handler: PartHandler, outer: tuple[bytes, ...]
+) -> bytes | None:
     boundary = _boundary_of(headers)
     inner = (boundary, *outer)
     # Preamble: skip to the first delimiter.

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import shutil
 import io
 import mimetypes
+import shutil
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ MANIFEST_PER_FILE = 640
 MANIFEST_FIXED = 1024
 #: A wire-size estimate is kept this much under the limit, for rounding.
 SAFETY_MARGIN = 0.99
+#: Compression is predicted from this many files, this many bytes each ...
+SAMPLE_FILES = 16
+SAMPLE_BYTES = 256 * 1024
+#: ... and assumed this much worse than the sample, to keep parts under the limit.
+COMPRESSION_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -99,18 +105,21 @@ class _Item:
     dicom: DicomFile | None = None
 
 
-def estimate_wire_size(items: Sequence[_Item], note: str = "") -> int:
-    """An upper bound of the mail size on the wire, assuming nothing compresses."""
+def estimate_wire_size(items: Sequence[_Item], note: str = "", ratio: float = 1.0) -> int:
+    """Estimated mail size on the wire when the base64 text compresses to ``ratio``.
+
+    With ``ratio=1`` (nothing compresses) this is an upper bound.
+    """
     inner = 1024 + MANIFEST_FIXED + len(note.encode()) * 3
     for item in items:
         inner += PART_OVERHEAD + MANIFEST_PER_FILE + base64_size(item.size)
-    binary = inner + OPENPGP_OVERHEAD
+    binary = int(inner * ratio) + OPENPGP_OVERHEAD
     armored = (binary + 2) // 3 * 4
     armored += (armored + 63) // 64 * 2 + 128  # CRLF per 64-character line, armor lines
     return OUTER_OVERHEAD + armored
 
 
-def plan_parts(items: Sequence[_Item], max_mail_size: int, note: str = "") -> list[list[_Item]]:
+def plan_parts(items: Sequence[_Item], max_mail_size: int, note: str = "", ratio: float = 1.0) -> list[list[_Item]]:
     """Group items into mails under ``max_mail_size``, in order, never splitting a file.
 
     The note and attachments ride in part 1.  An item that alone exceeds the
@@ -121,13 +130,40 @@ def plan_parts(items: Sequence[_Item], max_mail_size: int, note: str = "") -> li
     current: list[_Item] = []
     for item in items:
         note_here = note if not parts else ""
-        if current and estimate_wire_size([*current, item], note_here) > limit:
+        if current and estimate_wire_size([*current, item], note_here, ratio) > limit:
             parts.append(current)
             current = []
         current.append(item)
     if current or not parts:
         parts.append(current)
     return parts
+
+
+def estimate_compression(items: Sequence[_Item], level: int) -> float:
+    """How far gpg's compression will shrink the base64 text, from a sample of the files.
+
+    The set's part count must be fixed before the first part is encrypted
+    (SETTOTAL is signed inside it), so the ratio is predicted, not measured.
+    A margin covers the files not sampled; a part that still comes out too
+    large is sent as fragments, which is legal, just less tidy.
+    """
+    if level == 0 or not items:
+        return 1.0
+    step = max(1, len(items) // SAMPLE_FILES)
+    raw = compressed = 0
+    for item in list(items)[::step][:SAMPLE_FILES]:
+        with item.path.open("rb") as handle:
+            # The end of a DICOM file is pixel data, the bulk of what is sent.
+            handle.seek(max(0, item.size - SAMPLE_BYTES))
+            data = handle.read(SAMPLE_BYTES)
+        text = io.BytesIO()
+        write_base64(io.BytesIO(data), text)
+        packer = zlib.compressobj(level, zlib.DEFLATED, -15)
+        compressed += len(packer.compress(text.getvalue())) + len(packer.flush())
+        raw += len(text.getvalue())
+    if raw == 0:
+        return 1.0
+    return min(1.0, compressed / raw * COMPRESSION_MARGIN + 0.02)
 
 
 def _items_for(files: Sequence[DicomFile], attachments: Sequence[Path]) -> list[_Item]:
@@ -138,9 +174,7 @@ def _items_for(files: Sequence[DicomFile], attachments: Sequence[Path]) -> list[
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         items.append(_Item(path, path.stat().st_size, "attachment", "", path.name, media_type))
     items += [_Item(f.path, f.size, "dicom", "", f.path.name, "application/dicom", f) for f in files]
-    return [
-        _Item(i.path, i.size, i.kind, f"f{n:05d}", i.name, i.media_type, i.dicom) for n, i in enumerate(items, 1)
-    ]
+    return [_Item(i.path, i.size, i.kind, f"f{n:05d}", i.name, i.media_type, i.dicom) for n, i in enumerate(items, 1)]
 
 
 class Packer:
@@ -162,7 +196,8 @@ class Packer:
         options = self.options
         items = _items_for(files, options.attachments)
         set_id = h.new_set_id(options.uid_root)
-        parts = plan_parts(items, options.max_mail_size, options.note)
+        ratio = estimate_compression(items, options.compression_level)
+        parts = plan_parts(items, options.max_mail_size, options.note, ratio)
         packed = PackedSet(
             set_id=set_id,
             study_uid=files[0].study_uid,
@@ -221,9 +256,7 @@ class Packer:
             mail, options.max_mail_size, work, stem, message_id.strip("<>").partition("@")[0], subject, options.sender
         )
         mail.unlink()
-        return [
-            PackedMail(p, number, message_id, wire_size(p), i, len(pieces)) for i, p in enumerate(pieces, 1)
-        ]
+        return [PackedMail(p, number, message_id, wire_size(p), i, len(pieces)) for i, p in enumerate(pieces, 1)]
 
     def _write_inner(self, out: BinaryIO, packed: PackedSet, number: int, items: list[_Item]) -> None:
         options = self.options
@@ -244,7 +277,9 @@ class Packer:
         delimiter = f"--{boundary}".encode() + CRLF
         if number == 1 and options.note:
             out.write(delimiter)
-            out.write(header_block([("Content-Type", "text/plain; charset=utf-8"), ("Content-Transfer-Encoding", "base64")]))
+            out.write(
+                header_block([("Content-Type", "text/plain; charset=utf-8"), ("Content-Transfer-Encoding", "base64")])
+            )
             out.write(CRLF)
             out.write(_base64_bytes(options.note.encode("utf-8")))
         entries = []

@@ -118,8 +118,11 @@ def split_mail(
                 ("MIME-Version", "1.0"),
                 # "total" only on the last fragment, as RFC 2046 requires at least:
                 # munpack refuses fragments that repeat it.
-                ("Content-Type", f'message/partial; id="{fragment_id}"; number={number}' + (
-                    f"; total={total}" if number == total else "")),
+                (
+                    "Content-Type",
+                    f'message/partial; id="{fragment_id}"; number={number}'
+                    + (f"; total={total}" if number == total else ""),
+                ),
             ]
             with atomic_writer(path, durable=False) as out:
                 out.writelines(f for f in outer if not f.lower().startswith(b"date:"))

@@ -258,8 +258,10 @@ def _to_part(outer: Message, inner: Message, handler: _InnerHandler, signer: Ver
     # The signed inner headers are authoritative; the outer copies must agree.
     set_id = str(inner.get(h.SETID, "") or "").strip()
     for name in (h.SETID, h.SETPART, h.SETTOTAL):
-        if outer.get(name) is not None and inner.get(name) is not None and (
-            str(outer.get(name)).strip() != str(inner.get(name)).strip()
+        if (
+            outer.get(name) is not None
+            and inner.get(name) is not None
+            and (str(outer.get(name)).strip() != str(inner.get(name)).strip())
         ):
             raise WireFormatError(
                 f"the outer header {name} differs from the signed one inside the encryption",
@@ -379,7 +381,9 @@ def verify_set(parts: Sequence[ReceivedPart]) -> VerifiedSet:
             continue
         previous = seen.setdefault(item.dicom.sop_instance_uid, item.sha256)
         if previous != item.sha256:
-            raise IntegrityError(f"set {set_id}: two different files claim SOP Instance UID {item.dicom.sop_instance_uid}")
+            raise IntegrityError(
+                f"set {set_id}: two different files claim SOP Instance UID {item.dicom.sop_instance_uid}"
+            )
     study_uid = first.study_uid or next(f.dicom.study_uid for f in files if f.dicom)
     return VerifiedSet(
         set_id=set_id,
@@ -439,7 +443,9 @@ def write_set(verified: VerifiedSet, out_dir: Path) -> Path:
     """Move a verified set's files to ``out_dir/<set id>/``: all of them, or none."""
     final = out_dir / verified.set_id
     if final.exists():
-        raise InputError(f"{final} already exists: set {verified.set_id} was unpacked before", "remove it to unpack again")
+        raise InputError(
+            f"{final} already exists: set {verified.set_id} was unpacked before", "remove it to unpack again"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     with scratch_dir(out_dir, ".dicommail-set-") as staging:
@@ -534,12 +540,12 @@ def unpack_files(
                 whole.append(path)
             else:
                 fragments.setdefault(envelope.fragment.id, []).append((envelope.fragment, path))
-        for number, members in enumerate(fragments.values(), 1):
+        for number, pieces in enumerate(fragments.values(), 1):
             joined = work / f"joined-{number}.eml"
             try:
-                join_fragments(members, joined)
+                join_fragments(pieces, joined)
             except DicommailError as exc:
-                report.rejected.append((members[0][1], exc))
+                report.rejected.append((pieces[0][1], exc))
                 continue
             whole.append(joined)
 

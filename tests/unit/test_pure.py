@@ -99,7 +99,7 @@ def test_walk_nested_multipart_and_encodings() -> None:
         b"Content-Type: multipart/mixed; boundary=outer\r\n\r\npreamble\r\n--outer\r\n"
         b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
         b"M=C3=BCller soft=\r\nbreak\r\nline two\r\n--outer\r\n"
-        b"Content-Type: multipart/alternative; boundary=\"in ner\"\r\n\r\n--in ner\r\n"
+        b'Content-Type: multipart/alternative; boundary="in ner"\r\n\r\n--in ner\r\n'
         b"Content-Type: application/dicom\r\nContent-Transfer-Encoding: base64\r\n\r\n"
         + base64.encodebytes(b"\x00\x01binary\r\n\xff" * 10).replace(b"\n", b"\r\n")
         + b"--in ner--\r\nepilogue\r\n--outer--\r\n"
@@ -166,7 +166,7 @@ def _mail(tmp_path: Path, body_lines: int) -> Path:
     path = tmp_path / "whole.eml"
     head = (
         b"From: a@b.test\r\nTo: c@d.test\r\nSubject: s\r\nMessage-ID: <m@b.test>\r\nMIME-Version: 1.0\r\n"
-        b"Content-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\";\r\n boundary=\"b\"\r\n"
+        b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n boundary="b"\r\n'
         b"X-TELEMEDICINE-SETID: 2.25.9\r\n\r\n"
     )
     body = b"".join(b"line %06d " % i + b"x" * 60 + b"\r\n" for i in range(body_lines))

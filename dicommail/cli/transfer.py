@@ -1,0 +1,271 @@
+"""``pack`` and ``unpack``: offline conversion between studies and mail sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from dicommail.cli.main import AppContext, pass_app
+from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, out, print_json, warn
+from dicommail.config import format_size, is_mail_address, parse_size
+from dicommail.crypto.gpg import Keyring
+from dicommail.crypto.keys import own_key
+from dicommail.dicom import scan
+from dicommail.errors import ConfigError, InputError
+from dicommail.wire.pack import PackedSet, Packer, PackOptions
+from dicommail.wire.unpack import UnpackReport, unpack_files
+
+
+def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "recipient", required=True, help="Recipient's mail address (their key must be certified).")
+@click.option("--from", "sender", default="", help="Sender address (default: identity.address).")
+@click.option("--max-mail-size", callback=_size, help="Largest mail on the wire, e.g. 10M (default from config).")
+@click.option("--note", default="", help="A text note for the recipient (travels encrypted).")
+@click.option(
+    "--attach",
+    "attachments",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A non-DICOM file to send along (e.g. a PDF report); repeatable.",
+)
+@click.option("--emergency", is_flag=True, help="Mark the mails as urgent (priority headers, subject marker).")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the .eml files.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_app
+@handle_errors
+def pack(
+    app: AppContext,
+    paths: tuple[Path, ...],
+    recipient: str,
+    sender: str,
+    max_mail_size: int | None,
+    note: str,
+    attachments: tuple[Path, ...],
+    emergency: bool,
+    out_dir: Path,
+    as_json: bool,
+) -> None:
+    """Pack DICOM files or folders into signed, encrypted DICOM-Mail sets (one set per study)."""
+    config = app.config
+    if not is_mail_address(recipient):
+        raise InputError(f"--to {recipient!r} is not a mail address")
+    keyring = Keyring(config.gnupg_home)
+    try:
+        me = own_key(keyring, config.identity.key)
+        sender = sender or config.identity.address or me.email
+        if not is_mail_address(sender):
+            raise ConfigError("no sender address", "set identity.address in dicommail.toml or pass --from")
+        result = scan(paths)
+        for _path, reason in result.skipped:
+            warn(echo_escape(reason) + " - skipped")
+        studies = result.studies()
+        if not studies:
+            raise InputError("no DICOM files found in the given paths", "point pack at DICOM files or folders")
+        options = PackOptions(
+            sender=sender,
+            recipient=recipient,
+            signer=me.fingerprint,
+            max_mail_size=max_mail_size or config.max_mail_size_for(recipient),
+            passphrase=config.passphrase(),
+            compression_level=config.packing.compression_level,
+            uid_root=config.packing.uid_root,
+            note=note,
+            attachments=attachments,
+            emergency=emergency,
+            workers=config.packing.workers,
+        )
+        total = sum(f.size for files in studies.values() for f in files)
+        sets: list[PackedSet] = []
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=as_json or total < 20 * 1024**2,
+        ) as progress:
+            task = progress.add_task("packing", total=total)
+            packer = Packer(keyring, options, progress=lambda n: progress.advance(task, n))
+            for files in studies.values():
+                sets.append(packer.pack(files, out_dir))
+    finally:
+        keyring.close()
+    if as_json:
+        print_json({"ok": True, "sets": [_set_json(s) for s in sets]})
+        return
+    for packed in sets:
+        fragments = sum(1 for m in packed.mails if m.fragment)
+        extra = f", {fragments} as message/partial fragments" if fragments else ""
+        out.print(
+            f"{packed.set_id}  {packed.file_count} files, {format_size(packed.byte_count)} "
+            f"in {packed.set_total} mail(s){extra} -> {echo_escape(str(out_dir))}"
+        )
+
+
+def _set_json(packed: PackedSet) -> dict[str, Any]:
+    return {
+        "set_id": packed.set_id,
+        "study_instance_uid": packed.study_uid,
+        "recipient": packed.recipient,
+        "files": packed.file_count,
+        "bytes": packed.byte_count,
+        "set_total": packed.set_total,
+        "mails": [
+            {
+                "path": str(m.path),
+                "set_part": m.set_part,
+                "message_id": m.message_id,
+                "size": m.size,
+                "fragment": m.fragment,
+                "fragments": m.fragments,
+            }
+            for m in packed.mails
+        ],
+    }
+
+
+@click.command()
+@click.argument("mails", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory that receives one folder per complete, verified set.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_app
+@handle_errors
+def unpack(app: AppContext, mails: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
+    """Decrypt, verify and reassemble DICOM-Mail files (any order, duplicates allowed)."""
+    config = app.config
+    keyring = Keyring(config.gnupg_home)
+    try:
+        report = unpack_files(
+            list(mails),
+            keyring,
+            out_dir,
+            max_output=config.unpacking.max_decrypted_size,
+            passphrase=config.passphrase(),
+        )
+    finally:
+        keyring.close()
+    if as_json:
+        print_json(_report_json(report))
+    else:
+        _print_report(report)
+    if not report.ok:
+        raise SystemExit(EXIT_FAILURE)
+
+
+def _report_json(report: UnpackReport) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "sets": [
+            {
+                "set_id": s.set_id,
+                "ok": s.ok,
+                "directory": str(s.directory) if s.directory else None,
+                "parts_received": s.parts_received,
+                "set_total": s.set_total,
+                "dicom_files": s.dicom_files,
+                "other_files": s.other_files,
+                "signer": s.signer,
+                "warnings": s.warnings,
+                "error": _error_json(s.error),
+            }
+            for s in report.sets
+        ],
+        "rejected": [{"mail": str(path), "error": _error_json(exc)} for path, exc in report.rejected],
+    }
+
+
+def _error_json(exc: Exception | None) -> dict[str, Any] | None:
+    if exc is None:
+        return None
+    data: dict[str, Any] = {
+        "code": getattr(exc, "code", "error"),
+        "message": str(exc),
+        "hint": getattr(exc, "hint", ""),
+    }
+    missing = getattr(exc, "missing_parts", None)
+    if missing:
+        data["missing_parts"] = missing
+    return data
+
+
+def _print_report(report: UnpackReport) -> None:
+    if report.sets:
+        table = Table("set", "status", "parts", "DICOM", "other", "where", title="Sets", title_justify="left")
+        for s in report.sets:
+            status = "[green]verified[/green]" if s.ok else "[red]failed[/red]"
+            table.add_row(
+                s.set_id,
+                status,
+                f"{s.parts_received}/{s.set_total}",
+                str(s.dicom_files),
+                str(s.other_files),
+                echo_escape(str(s.directory or "-")),
+            )
+        out.print(table)
+    for s in report.sets:
+        for warning in s.warnings:
+            warn(f"{s.set_id}: {echo_escape(warning)}")
+        if s.error is not None:
+            err.print(f"[bold red]error:[/bold red] {echo_escape(s.error.message)}")
+            if s.error.hint:
+                err.print(f"[dim]hint:[/dim] {echo_escape(s.error.hint)}")
+    for path, exc in report.rejected:
+        err.print(f"[bold red]rejected[/bold red] {echo_escape(str(path))}: {echo_escape(exc.message)}")
+        if exc.hint:
+            err.print(f"[dim]hint:[/dim] {echo_escape(exc.hint)}")
+    if not report.sets and not report.rejected:
+        err.print("nothing to unpack")
+
+
+@click.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--slices",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Number of 512x512 CT slices (512 KiB each).",
+)
+@handle_errors
+def testdata(out_dir: Path, slices: int) -> None:
+    """Write a synthetic, patient-free CT study: a defined test data set for demos and
+    DIN 6868-159 constancy checks (transfer time, completeness)."""
+    from dicommail.samples import write_ct_study
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir} is not empty", "choose a new directory")
+    paths = write_ct_study(out_dir, slices)
+    out.print(f"wrote {len(paths)} CT images ({format_size(sum(p.stat().st_size for p in paths))}) to {out_dir}")
+
+
+COMMANDS: list[click.Command] = [pack, unpack, testdata]
