@@ -1,0 +1,260 @@
+"""``dicommail keys``: this site's key and the peers' keys."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from dicommail.cli.main import AppContext, pass_app
+from dicommail.cli.render import confirm, echo_escape, err, handle_errors, info, out, print_json
+from dicommail.crypto import keys as k
+from dicommail.crypto.gpg import Keyring
+from dicommail.errors import InputError
+
+
+@contextlib.contextmanager
+def _keyring(app: AppContext) -> Iterator[Keyring]:
+    keyring = Keyring(app.config.gnupg_home)
+    try:
+        yield keyring
+    finally:
+        keyring.close()
+
+
+def _read_passphrase_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read the passphrase file {path}: {exc.strerror}") from exc
+    passphrase = text.splitlines()[0] if text else ""
+    if not passphrase:
+        raise InputError(f"the passphrase file {path} is empty", "put the passphrase on its first line")
+    return passphrase
+
+
+def _ask(question: str, assume_yes: bool) -> None:
+    """Confirm with the user, or refuse: never act on a silent default."""
+    if assume_yes:
+        return
+    if not sys.stdin.isatty():
+        raise InputError("cannot ask for confirmation: no terminal", "confirm on the command line with --yes")
+    if not confirm(question, assume_yes=False):
+        raise InputError("cancelled")
+
+
+def _describe(key: k.KeyInfo) -> None:
+    """Fingerprint grouped for reading aloud, and who the key claims to be."""
+    out.print(f"  {k.format_fingerprint(key.fingerprint)}")
+    for uid in key.user_ids:
+        out.print(f"  {echo_escape(uid)}")
+
+
+@click.group()
+def keys() -> None:
+    """Manage this site's key and the keys of its peers."""
+
+
+@keys.command()
+@click.option("--name", required=True, help="The site's name, e.g. 'Radiology Example Town'.")
+@click.option("--email", required=True, help="The site's mail address (the one it sends DICOM mails from).")
+@click.option("--algo", type=click.Choice(["rsa3072", "ed25519"]), default="rsa3072", show_default=True)
+@click.option("--expires", default="2y", show_default=True, help="e.g. 2y, 18m, 365d, 2028-12-31 or never.")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="File whose first line is the new key's passphrase.",
+)
+@click.option("--no-passphrase", is_flag=True, help="Leave the secret key unprotected (e.g. a locked-down server).")
+@pass_app
+@handle_errors
+def generate(
+    app: AppContext,
+    name: str,
+    email: str,
+    algo: str,
+    expires: str,
+    passphrase_file: Path | None,
+    no_passphrase: bool,
+) -> None:
+    """Generate this site's key pair (signing key plus encryption subkey)."""
+    if (passphrase_file is None) == (not no_passphrase):
+        raise InputError(
+            "give exactly one of --passphrase-file and --no-passphrase",
+            "a passphrase protects the key if the keyring is copied; --no-passphrase is for protected servers",
+        )
+    passphrase = _read_passphrase_file(passphrase_file) if passphrase_file else None
+    with _keyring(app) as keyring:
+        key = k.generate(keyring, name, email, algo=algo, expires=expires, passphrase=passphrase)
+    out.print(f"generated {key.algorithm} key for {echo_escape(key.user_id)}:")
+    out.print(f"  {k.format_fingerprint(key.fingerprint)}")
+    info(
+        "next: set identity.key = \"" + key.fingerprint + "\" in dicommail.toml"
+        + (" and identity.passphrase_file" if passphrase else "")
+        + "; send the public key (dicommail keys export "
+        + key.fingerprint
+        + " -o site.pub.asc) to your peers and read them the fingerprint by phone"
+    )
+
+
+@keys.command(name="list")
+@click.option("--secret", is_flag=True, help="Only keys with a secret part (this site's own keys).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+@handle_errors
+def list_(app: AppContext, secret: bool, as_json: bool) -> None:
+    """List the keys in the keyring and whether they are trusted."""
+    with _keyring(app) as keyring:
+        found = k.list_keys(keyring, secret=secret)
+    if as_json:
+        print_json({"ok": True, "keys": [key.to_json() for key in found]})
+        return
+    if not found:
+        info("no keys" + (" with a secret part" if secret else "") + "; see dicommail keys generate / import")
+        return
+    # Fits 80 columns; the fingerprint is never shortened: it is what people compare.
+    table = Table(box=None, pad_edge=False, collapse_padding=True)
+    table.add_column("fingerprint / user id", min_width=40, max_width=44, overflow="fold")
+    table.add_column("algo")
+    table.add_column("expires")
+    table.add_column("trust")
+    table.add_column("sec")
+    for key in found:
+        if key.validity == "ultimate":
+            trust = "[green]own key[/green]"
+        elif key.validity == "full":
+            trust = "[green]certified[/green]"
+        elif key.validity in ("revoked", "expired", "disabled", "invalid"):
+            trust = f"[red]{key.validity}[/red]"
+        else:
+            trust = "[yellow]not certified[/yellow]"
+        user_ids = "\n".join(echo_escape(uid) for uid in key.user_ids)
+        table.add_row(
+            f"{key.fingerprint}\n{user_ids}",
+            key.algorithm,
+            key.expires.date().isoformat() if key.expires else "never",
+            trust,
+            "yes" if key.has_secret else "",
+        )
+    out.print(table)
+
+
+@keys.command(name="import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, allow_dash=True, path_type=Path))
+@pass_app
+@handle_errors
+def import_(app: AppContext, file: Path) -> None:
+    """Import keys from FILE (armored or binary; - reads stdin)."""
+    data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    with _keyring(app) as keyring:
+        imported = k.import_keys(keyring, data)
+    for key in imported:
+        kind = "secret key" if key.has_secret else "key"
+        out.print(f"imported {kind} {echo_escape(key.user_id)} ({key.validity}):")
+        out.print(f"  {k.format_fingerprint(key.fingerprint)}")
+        if key.certified or key.validity in ("revoked", "expired"):
+            continue
+        if key.has_secret:
+            info(f"to use it as this site's own key, run: dicommail keys certify {key.fingerprint}")
+        else:
+            info(
+                "not trusted yet: check this fingerprint with the key owner by phone, then run: "
+                f"dicommail keys certify {key.fingerprint}"
+            )
+
+
+@keys.command()
+@click.argument("key_id", metavar="ID")
+@click.option("--secret", is_flag=True, help="Export the secret key (for a backup; keep it safe).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file, not stdout.")
+@pass_app
+@handle_errors
+def export(app: AppContext, key_id: str, secret: bool, output: Path | None) -> None:
+    """Export a key, ASCII-armored (public unless --secret)."""
+    passphrase = app.config.passphrase() if secret else None
+    with _keyring(app) as keyring:
+        text = k.export_key(keyring, key_id, secret=secret, passphrase=passphrase)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(text, encoding="ascii")
+    if secret:
+        tmp.chmod(0o600)
+    tmp.replace(output)
+    info(f"wrote {output}")
+
+
+@keys.command()
+@click.argument("key_id", metavar="ID")
+@pass_app
+@handle_errors
+def fingerprint(app: AppContext, key_id: str) -> None:
+    """Print a key's fingerprint in groups of four, for reading aloud."""
+    with _keyring(app) as keyring:
+        key = k.find_key(keyring, key_id)
+    out.print(k.format_fingerprint(key.fingerprint))
+
+
+@keys.command()
+@click.argument("key_id", metavar="ID")
+@click.option("--yes", is_flag=True, help="Do not ask: you checked the fingerprint with the key owner.")
+@pass_app
+@handle_errors
+def certify(app: AppContext, key_id: str, yes: bool) -> None:
+    """Trust a peer's key: certify it locally after checking its fingerprint."""
+    with _keyring(app) as keyring:
+        key = k.find_key(keyring, key_id)
+        if not key.certified:
+            err.print("certify this key?")
+            _describe(key)
+            _ask("Did you check this fingerprint with the key owner?", yes)
+        change = k.certify(
+            keyring, key.fingerprint, passphrase=app.config.passphrase(), signer=app.config.identity.key
+        )
+    out.print(echo_escape(change.message))
+
+
+@keys.command()
+@click.argument("key_id", metavar="ID")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@pass_app
+@handle_errors
+def revoke(app: AppContext, key_id: str, yes: bool) -> None:
+    """Revoke this site's key, or withdraw the certification of a peer's key."""
+    with _keyring(app) as keyring:
+        key = k.find_key(keyring, key_id)
+        _describe(key)
+        if key.has_secret:
+            question = "Revoke this site's OWN key for good (peers will refuse it once they import the revocation)?"
+        else:
+            question = "Withdraw this site's certification (mail signed with this key will be refused)?"
+        _ask(question, yes)
+        change = k.revoke(keyring, key.fingerprint, passphrase=app.config.passphrase())
+    out.print(echo_escape(change.message))
+    if key.has_secret and change.changed:
+        info(f"next: dicommail keys export {key.fingerprint} -o revoked.pub.asc and send it to every peer")
+
+
+@keys.command()
+@click.argument("key_id", metavar="ID")
+@click.option("--secret", is_flag=True, help="Also delete the secret part (required for this site's own key).")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@pass_app
+@handle_errors
+def delete(app: AppContext, key_id: str, secret: bool, yes: bool) -> None:
+    """Delete a key from the keyring."""
+    with _keyring(app) as keyring:
+        key = k.find_key(keyring, key_id)
+        _describe(key)
+        if key.has_secret and secret:
+            question = "Delete this site's SECRET key? Mail encrypted to it can never be read again."
+        else:
+            question = "Delete this key?"
+        _ask(question, yes)
+        k.delete(keyring, key.fingerprint, secret=secret)
+    out.print(f"deleted {key.fingerprint}")
