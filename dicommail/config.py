@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ CONFIG_NAME = "dicommail.toml"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 _UID_ROOT_RE = re.compile(r"^[1-9]\d*(\.(0|[1-9]\d*))*$")
 _ADDRESS_RE = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+$")
+_AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 #: The smallest mail we allow: smaller makes no sense on today's mail servers.
 MIN_MAIL_SIZE = 64 * 1024
@@ -58,24 +59,77 @@ def is_mail_address(value: str) -> bool:
     return bool(_ADDRESS_RE.match(value))
 
 
+def _setting(default: Any, *, kind: str = "", choices: tuple[str, ...] = (), low: int | None = None,
+             high: int | None = None) -> Any:
+    """A config field with what validation it needs (``kind="size"`` takes 10M etc.)."""
+    return field(default=default, metadata={"kind": kind, "choices": choices, "low": low, "high": high})
+
+
 @dataclass(frozen=True)
 class IdentityConfig:
-    address: str = ""
+    address: str = _setting("", kind="address")
     key: str = ""
     passphrase_file: str = ""
 
 
 @dataclass(frozen=True)
 class PackingConfig:
-    max_mail_size: int = 10 * 1024**2
-    compression_level: int = 1
-    uid_root: str = ""
-    workers: int = 2
+    max_mail_size: int = _setting(10 * 1024**2, kind="size", low=MIN_MAIL_SIZE)
+    compression_level: int = _setting(1, low=0, high=9)
+    uid_root: str = _setting("", kind="uid_root")
+    workers: int = _setting(2, low=1, high=64)
 
 
 @dataclass(frozen=True)
 class UnpackingConfig:
-    max_decrypted_size: int = 1024**3
+    max_decrypted_size: int = _setting(1024**3, kind="size", low=MIN_MAIL_SIZE)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = "localhost"
+    port: int = _setting(587, low=1, high=65535)
+    security: str = _setting("starttls", choices=("starttls", "tls", "none"))
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    timeout: int = _setting(60, low=1, high=3600)
+    max_attempts: int = _setting(8, low=1, high=100)
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    protocol: str = _setting("imap", choices=("imap", "pop3"))
+    host: str = "localhost"
+    port: int = _setting(993, low=1, high=65535)
+    security: str = _setting("tls", choices=("tls", "starttls", "none"))
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    folder: str = "INBOX"
+    after_processing: str = _setting("move", choices=("move", "delete", "keep"))
+    processed_folder: str = "DICOM-Mail/Processed"
+    other_mail_folder: str = ""
+    idle: bool = True
+    timeout: int = _setting(60, low=1, high=3600)
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    interval: int = _setting(60, low=1, high=86400)
+    set_timeout: int = _setting(24 * 3600, low=60, high=90 * 86400)
+    destination: str = _setting("pacs", choices=("pacs", "folder"))
+    folder: str = ""
+    retry_limit: int = _setting(0, low=0, high=1000)
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    host: str = "localhost"
+    port: int = _setting(104, low=1, high=65535)
+    called_aet: str = _setting("PACS", kind="aet")
+    calling_aet: str = _setting("DICOMMAIL", kind="aet")
+    timeout: int = _setting(30, low=1, high=3600)
 
 
 @dataclass(frozen=True)
@@ -90,6 +144,10 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     unpacking: UnpackingConfig = field(default_factory=UnpackingConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
     peers: dict[str, PeerConfig] = field(default_factory=dict)
 
     @property
@@ -100,6 +158,14 @@ class Config:
     def config_file(self) -> Path:
         return self.home / CONFIG_NAME
 
+    @property
+    def state_db(self) -> Path:
+        return self.home / "state.db"
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "spool"
+
     def max_mail_size_for(self, address: str) -> int:
         peer = self.peers.get(address.lower())
         if peer and peer.max_mail_size:
@@ -108,18 +174,23 @@ class Config:
 
     def passphrase(self) -> str | None:
         """Our key's passphrase, read from the configured file (never from argv)."""
-        if not self.identity.passphrase_file:
+        return self.secret(self.identity.passphrase_file, "identity.passphrase_file")
+
+    def secret(self, file_name: str, setting: str) -> str | None:
+        """The first line of a secret file named by a setting, or ``None`` when unset."""
+        if not file_name:
             return None
-        path = self._resolve(self.identity.passphrase_file)
+        path = self.resolve(file_name)
         try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
+            return path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
         except OSError as exc:
             raise ConfigError(
-                f"cannot read the passphrase file {path}: {exc.strerror}",
-                "check identity.passphrase_file in the config and the file's permissions",
+                f"cannot read the file {path} named by {setting}: {exc.strerror}",
+                f"check {setting} in the config and the file's permissions",
             ) from exc
 
-    def _resolve(self, value: str) -> Path:
+    def resolve(self, value: str) -> Path:
+        """A path from the config: relative paths are relative to the home directory."""
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.home / path
 
@@ -145,111 +216,92 @@ def load_config(home: Path | None = None) -> Config:
     return parse_config(raw, home, source=str(path))
 
 
+_SECTIONS: dict[str, type] = {
+    "identity": IdentityConfig,
+    "packing": PackingConfig,
+    "unpacking": UnpackingConfig,
+    "smtp": SmtpConfig,
+    "mailbox": MailboxConfig,
+    "receiver": ReceiverConfig,
+    "pacs": PacsConfig,
+}
+
+
 def parse_config(raw: dict[str, Any], home: Path, source: str = "config") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    reader = _Reader(raw, source)
-    identity = reader.section("identity", ("address", "key", "passphrase_file"))
-    packing = reader.section("packing", ("max_mail_size", "compression_level", "uid_root", "workers"))
-    unpacking = reader.section("unpacking", ("max_decrypted_size",))
-    peers_raw = reader.table("peers")
-    reader.no_other_sections(("identity", "packing", "unpacking", "peers"))
-
-    address = reader.string(identity, "identity.address", "")
-    if address and not is_mail_address(address):
-        raise ConfigError(f"{source}: identity.address {address!r} is not a mail address")
-    uid_root = reader.string(packing, "packing.uid_root", "")
-    if uid_root and (not _UID_ROOT_RE.match(uid_root) or len(uid_root) > 24):
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"peers"})
+    if unknown:
         raise ConfigError(
-            f"{source}: packing.uid_root {uid_root!r} is not a valid UID root",
-            "use your organisation's registered root (digits and dots, at most 24 characters) or leave it empty",
+            f"{source}: unknown section(s): {', '.join(unknown)}",
+            f"known sections: {', '.join([*_SECTIONS, 'peers'])}",
         )
-    level = reader.integer(packing, "packing.compression_level", 1)
-    if not 0 <= level <= 9:
-        raise ConfigError(f"{source}: packing.compression_level must be 0..9, got {level}")
-    workers = reader.integer(packing, "packing.workers", 2)
-    if not 1 <= workers <= 64:
-        raise ConfigError(f"{source}: packing.workers must be 1..64, got {workers}")
-
+    sections = {name: _section(cls, raw.get(name, {}), name, source) for name, cls in _SECTIONS.items()}
+    peers_raw = raw.get("peers", {})
+    if not isinstance(peers_raw, dict):
+        raise ConfigError(f"{source}: [peers] must be a table of peer addresses")
     peers: dict[str, PeerConfig] = {}
     for peer_address, peer_raw in peers_raw.items():
         if not is_mail_address(peer_address) or not isinstance(peer_raw, dict):
             raise ConfigError(f'{source}: [peers."{peer_address}"] must name a mail address and be a table')
-        reader.only_keys(peer_raw, f'peers."{peer_address}"', ("max_mail_size",))
-        size = reader.size(peer_raw, f'peers."{peer_address}".max_mail_size', None)
+        settings = _section(PackingConfig, peer_raw, f'peers."{peer_address}"', source, only=("max_mail_size",))
+        size = settings.max_mail_size if "max_mail_size" in peer_raw else None
         peers[peer_address.lower()] = PeerConfig(address=peer_address, max_mail_size=size)
-
-    return Config(
-        home=home,
-        identity=IdentityConfig(
-            address=address,
-            key=reader.string(identity, "identity.key", ""),
-            passphrase_file=reader.string(identity, "identity.passphrase_file", ""),
-        ),
-        packing=PackingConfig(
-            max_mail_size=reader.size(packing, "packing.max_mail_size", 10 * 1024**2) or 0,
-            compression_level=level,
-            uid_root=uid_root,
-            workers=workers,
-        ),
-        unpacking=UnpackingConfig(
-            max_decrypted_size=reader.size(unpacking, "unpacking.max_decrypted_size", 1024**3) or 0,
-        ),
-        peers=peers,
-    )
+    return Config(home=home, peers=peers, **sections)
 
 
-class _Reader:
-    """Typed access to a raw TOML dict with error messages that name the key."""
+def _section(cls: type, table: Any, name: str, source: str, only: tuple[str, ...] = ()) -> Any:
+    """Build one section's dataclass from its TOML table, validating every value."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls) if not only or f.name in only}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown setting(s) in [{name}]: {', '.join(unknown)}",
+            f"known settings there: {', '.join(known)}",
+        )
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        spec = known[key]
+        meta = spec.metadata
+        where = f"{source}: {name}.{key}"
+        if meta.get("kind") == "size":
+            try:
+                value = parse_size(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
+        elif spec.type in (bool, "bool"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true or false")
+        elif spec.type in (int, "int"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{where} must be a whole number")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string")
+        low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if low is not None and value < low:
+                shown = format_size(low) if meta.get("kind") == "size" else str(low)
+                raise ConfigError(f"{where} must be at least {shown}")
+            if high is not None and value > high:
+                raise ConfigError(f"{where} must be at most {high}")
+        if choices and value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+        _check_kind(meta.get("kind", ""), value, where)
+        values[key] = value
+    return cls(**values)
 
-    def __init__(self, raw: dict[str, Any], source: str) -> None:
-        self.raw = raw
-        self.source = source
 
-    def table(self, name: str) -> dict[str, Any]:
-        value = self.raw.get(name, {})
-        if not isinstance(value, dict):
-            raise ConfigError(f"{self.source}: [{name}] must be a table")
-        return value
-
-    def section(self, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
-        value = self.table(name)
-        self.only_keys(value, name, keys)
-        return value
-
-    def only_keys(self, table: dict[str, Any], name: str, keys: tuple[str, ...]) -> None:
-        unknown = sorted(set(table) - set(keys))
-        if unknown:
-            raise ConfigError(
-                f"{self.source}: unknown setting(s) in [{name}]: {', '.join(unknown)}",
-                f"known settings there: {', '.join(keys)}",
-            )
-
-    def no_other_sections(self, names: tuple[str, ...]) -> None:
-        self.only_keys(self.raw, "top level", names)
-
-    def string(self, table: dict[str, Any], key: str, default: str) -> str:
-        value = table.get(key.rsplit(".", 1)[-1], default)
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.source}: {key} must be a string")
-        return value
-
-    def integer(self, table: dict[str, Any], key: str, default: int) -> int:
-        value = table.get(key.rsplit(".", 1)[-1], default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{self.source}: {key} must be a whole number")
-        return value
-
-    def size(self, table: dict[str, Any], key: str, default: int | None) -> int | None:
-        value = table.get(key.rsplit(".", 1)[-1], default)
-        if value is None:
-            return None
-        try:
-            size = parse_size(value)
-        except ValueError as exc:
-            raise ConfigError(f"{self.source}: {key}: {exc}") from exc
-        if key.endswith("max_mail_size") and size < MIN_MAIL_SIZE:
-            raise ConfigError(f"{self.source}: {key} must be at least {format_size(MIN_MAIL_SIZE)}")
-        return size
+def _check_kind(kind: str, value: Any, where: str) -> None:
+    if kind == "address" and value and not is_mail_address(value):
+        raise ConfigError(f"{where}: {value!r} is not a mail address")
+    if kind == "uid_root" and value and (not _UID_ROOT_RE.match(value) or len(value) > 24):
+        raise ConfigError(
+            f"{where}: {value!r} is not a valid UID root",
+            "use your organisation's registered root (digits and dots, at most 24 characters) or leave it empty",
+        )
+    if kind == "aet" and not _AET_RE.match(value):
+        raise ConfigError(f"{where}: {value!r} is not a DICOM AE title (1-16 characters, no backslash)")
 
 
 CONFIG_TEMPLATE = """\
@@ -284,6 +336,62 @@ workers = 2
 [unpacking]
 # Upper bound for one decrypted mail: a defence against compression bombs.
 max_decrypted_size = "1G"
+
+[smtp]
+# The submission server that sends our mails.
+host = "localhost"
+port = 587
+# "starttls" (port 587), "tls" (implicit TLS, port 465), or "none" (only for
+# a server on this machine).  Certificates are always verified.
+security = "starttls"
+username = ""
+# A file with the SMTP password on its first line, relative to this home.
+password_file = ""
+# Extra CA certificates (PEM) to trust; empty: the system's CAs.
+ca_file = ""
+timeout = 60
+# Attempts per mail before a temporary failure fails the transfer.
+max_attempts = 8
+
+[mailbox]
+# Where studies for this site arrive: "imap" or "pop3".
+protocol = "imap"
+host = "localhost"
+port = 993
+# "tls" (IMAPS 993 / POP3S 995), "starttls" (143 / 110), or "none".
+security = "tls"
+username = ""
+password_file = ""
+ca_file = ""
+folder = "INBOX"
+# What happens on the server to a DICOM-Mail once it is stored here:
+# "move" (IMAP only, to processed_folder), "delete", or "keep".
+after_processing = "move"
+processed_folder = "DICOM-Mail/Processed"
+# Other mail is never deleted: left in place, or moved here (IMAP) if set.
+other_mail_folder = ""
+# Wait for new mail with IMAP IDLE between polls, where the server offers it.
+idle = true
+timeout = 60
+
+[receiver]
+# Seconds between polls (without IDLE) and between retries.
+interval = 60
+# Seconds an incomplete set waits for its missing parts before it expires.
+set_timeout = 86400
+# Where verified studies go: "pacs" (C-STORE, see [pacs]) or "folder".
+destination = "pacs"
+folder = ""
+# Forwarding attempts before a set is reported failed; 0 = keep trying.
+retry_limit = 0
+
+[pacs]
+# The local PACS that receives verified studies by C-STORE.
+host = "localhost"
+port = 104
+called_aet = "PACS"
+calling_aet = "DICOMMAIL"
+timeout = 30
 
 # Per-peer settings, keyed by the peer's mail address.
 # [peers."practice@practice.example"]

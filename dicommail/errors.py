@@ -109,3 +109,42 @@ class IntegrityError(WireFormatError):
     """A file does not match the manifest (size, SHA-256, UID)."""
 
     code = "integrity"
+
+
+# --- transport (SMTP, IMAP, POP3) ----------------------------------------------
+
+
+class TransportError(DicommailError):
+    """A mail server could not be reached or refused.
+
+    ``temporary`` says whether trying again later can help (server down,
+    4xx reply) or not (5xx reply such as 552 message too large).
+    """
+
+    code = "transport"
+
+    def __init__(self, message: str, hint: str = "", temporary: bool = True) -> None:
+        super().__init__(message, hint)
+        self.temporary = temporary
+
+
+class AuthenticationError(TransportError):
+    """The server refused our credentials: no point retrying until the config changes."""
+
+    code = "authentication"
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message, hint, temporary=False)
+
+
+# --- forwarding to the local PACS ----------------------------------------------
+
+
+class DestinationError(DicommailError):
+    """The PACS (or destination folder) did not take the study."""
+
+    code = "destination"
+
+    def __init__(self, message: str, hint: str = "", temporary: bool = True) -> None:
+        super().__init__(message, hint)
+        self.temporary = temporary

@@ -220,7 +220,9 @@ def _error_json(exc: Exception | None) -> dict[str, Any] | None:
 
 def _print_report(report: UnpackReport) -> None:
     if report.sets:
-        table = Table("set", "status", "parts", "DICOM", "other", "where", title="Sets", title_justify="left")
+        table = Table(title="Sets", title_justify="left")
+        for name in ("set", "status", "parts", "DICOM", "other", "where"):
+            table.add_column(name, overflow="fold")
         for s in report.sets:
             status = "[green]verified[/green]" if s.ok else "[red]failed[/red]"
             table.add_row(
