@@ -15,6 +15,7 @@ from dicommail.cli.render import confirm, echo_escape, err, handle_errors, info,
 from dicommail.crypto import keys as k
 from dicommail.crypto.gpg import Keyring
 from dicommail.errors import InputError
+from dicommail.store.files import atomic_writer
 
 
 @contextlib.contextmanager
@@ -181,11 +182,9 @@ def export(app: AppContext, key_id: str, secret: bool, output: Path | None) -> N
     if output is None:
         sys.stdout.write(text)
         return
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(text, encoding="ascii")
-    if secret:
-        tmp.chmod(0o600)
-    tmp.replace(output)
+    # The temporary file is created 0600, so a secret key is never readable by others.
+    with atomic_writer(output, durable=False) as handle:
+        handle.write(text.encode("ascii"))
     info(f"wrote {output}")
 
 

@@ -656,6 +656,9 @@ def _partial_output(dst: Path) -> Iterator[Path]:
     temporary name means ``dst`` never holds an unverified result.
     """
     dst = Path(dst)
+    if dst.exists() and not dst.is_file():
+        # Renaming onto /dev/null or a FIFO would replace the device itself.
+        raise InputError(f"{dst} is not a regular file", "give gpg's output a plain file name")
     fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
     os.close(fd)
     tmp = Path(name)

@@ -22,7 +22,15 @@ def fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_writer(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
-    """Write ``path`` through a temporary sibling renamed into place on success."""
+    """Write ``path`` through a temporary sibling renamed into place on success.
+
+    A path that exists and is not a regular file (``/dev/null``, a FIFO) is
+    written directly: renaming onto it would replace the device itself.
+    """
+    if path.exists() and not path.is_file():
+        with path.open("wb") as direct:
+            yield direct
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
