@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -46,6 +47,16 @@ def fail(error: DicommailError, as_json: bool = False) -> None:
     raise SystemExit(EXIT_FAILURE)
 
 
+def os_error(exc: OSError) -> DicommailError:
+    """A file-system failure (disk full, permissions) as a message with a hint."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return DicommailError(f"the disk is full{where}", "free space there and run the command again; nothing was lost")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return DicommailError(f"permission denied{where}", "check the owner and permissions of that path")
+    return DicommailError(f"{exc.strerror or exc}{where}", "check the path and the disk")
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into a message, a hint and a non-zero exit."""
 
@@ -55,6 +66,8 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except DicommailError as exc:
             fail(exc, as_json=bool(kwargs.get("as_json")))
+        except OSError as exc:
+            fail(os_error(exc), as_json=bool(kwargs.get("as_json")))
         except KeyboardInterrupt:
             err.print("interrupted")
             raise SystemExit(130) from None
@@ -75,3 +88,15 @@ def confirm(question: str, assume_yes: bool) -> bool:
     if not sys.stdin.isatty():
         return False
     return click.confirm(question, default=False, err=True)
+
+
+def setup_logging(verbosity: int) -> None:
+    """INFO by default (what happened, per set and mail; never patient data), DEBUG with -v."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbosity > 0 else logging.INFO
+    handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("dicommail").setLevel(level)

@@ -82,11 +82,18 @@ class Pipeline:
         self._crash_hook = crash_hook or (lambda _step: None)
 
     def run_once(self) -> None:
-        """Do all work that is ready: decrypt stored mails, complete sets, forward, expire."""
-        self.process_stored()
-        self.complete_sets()
-        self.forward_ready()
-        self.expire_sets()
+        """Do all work that is ready: decrypt stored mails, complete sets, forward, expire.
+
+        A file-system failure (disk full) stops this round but loses nothing:
+        the interrupted step is repeated next time.
+        """
+        for stage in (self.process_stored, self.complete_sets, self.forward_ready, self.expire_sets):
+            try:
+                stage()
+            except OSError as exc:
+                log.error("%s stopped: %s (%s); it is retried in the next cycle", stage.__name__,
+                          exc.strerror or exc, exc.filename or "-")
+                return
 
     # -- stored mails -> parts -----------------------------------------------------
 
@@ -135,6 +142,10 @@ class Pipeline:
             shutil.rmtree(work, ignore_errors=True)
             self._quarantine_mails(rows, exc)
             return
+        except OSError:
+            # Not the mail's fault (disk full): leave it stored for the next cycle.
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         self._crash_hook("after-decrypt")
         target = self.spool.part_dir(part.set_id, part.set_part)
         existing = self.db.query(

@@ -214,3 +214,17 @@ def test_fragment_info_bounds() -> None:
         fragment_info(headers("number=1; total=3"))
     info = fragment_info(headers('id="x"; number=2; total=3'))
     assert info is not None and (info.number, info.total) == (2, 3)
+
+
+def test_atomic_writer_never_replaces_a_device() -> None:
+    from dicommail.store.files import atomic_writer
+
+    with atomic_writer(Path("/dev/null")) as handle:
+        handle.write(b"discarded")
+    assert Path("/dev/null").is_char_device()
+
+
+@pytest.mark.parametrize("name", ["hospital.toml", "practice.toml"])
+def test_example_configs_are_valid(name: str) -> None:
+    path = Path(__file__).resolve().parents[2] / "examples" / name
+    parse_config(tomllib.loads(path.read_text()), Path("/x"), str(path))

@@ -1,0 +1,196 @@
+"""The receiving loop: fetch, process, forward, wait; until told to stop.
+
+One receiver per home at a time (a lock file), because two would fetch and
+forward the same mails.  SIGTERM ends the loop after the current step: every
+step leaves the state database consistent, so stopping between steps loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from dicommail.config import Config
+from dicommail.crypto.gpg import Keyring
+from dicommail.errors import AuthenticationError, DicommailError, TransportError
+from dicommail.receiver.pipeline import Destination, Pipeline
+from dicommail.receiver.spool import Spool
+from dicommail.store.db import Database
+
+log = logging.getLogger("dicommail.receiver")
+
+#: Backoff after a failed poll doubles up to this many seconds.
+MAX_POLL_BACKOFF = 1800.0
+#: Environment variable naming a step at which the process kills itself (tests only).
+CRASH_ENV = "DICOMMAIL_TEST_CRASH_AT"
+
+
+class Retriever(Protocol):
+    async def fetch(self) -> object: ...
+
+    async def wait_for_mail(self, timeout: float) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class CycleReport:
+    """What one fetch-and-process cycle did, for ``receive --once``."""
+
+    fetch_error: DicommailError | None = None
+    sets: dict[str, int] = field(default_factory=dict)
+    quarantined: int = 0
+
+
+class ReceiverLockedError(DicommailError):
+    code = "locked"
+
+
+@contextlib.contextmanager
+def receiver_lock(home: Path) -> Iterator[None]:
+    """Hold ``<home>/receiver.lock`` exclusively, or fail at once if another receiver does."""
+    home.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = (home / "receiver.lock").open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ReceiverLockedError(
+                f"another dicommail receiver is running for {home}",
+                "run one receiver per home and mailbox; stop the other one first",
+            ) from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def crash_hook_from_env() -> Callable[[str], None]:
+    """``DICOMMAIL_TEST_CRASH_AT=step[:n]`` kills this process (SIGKILL) the n-th time ``step`` is reached.
+
+    For the crash tests only: it makes "kill -9 right after decryption"
+    reproducible instead of a race.
+    """
+    spec = os.environ.get(CRASH_ENV, "")
+    step, _, count = spec.partition(":")
+    remaining = [int(count) if count.isdigit() else 1]
+
+    def hook(reached: str) -> None:
+        if step and reached == step:
+            remaining[0] -= 1
+            if remaining[0] <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+class Receiver:
+    """Ties the stages together for one home."""
+
+    def __init__(
+        self,
+        config: Config,
+        retriever: Retriever,
+        destination: Destination,
+        db: Database,
+        keyring: Keyring,
+        crash_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.retriever = retriever
+        self.db = db
+        self._crash_hook = crash_hook or (lambda _step: None)
+        self.pipeline = Pipeline(
+            db,
+            Spool(config.spool),
+            keyring,
+            destination,
+            max_output=config.unpacking.max_decrypted_size,
+            passphrase=config.passphrase(),
+            set_timeout=config.receiver.set_timeout,
+            retry_interval=config.receiver.interval,
+            retry_limit=config.receiver.retry_limit,
+            crash_hook=self._crash_hook,
+        )
+        self.stop = asyncio.Event()
+
+    async def cycle(self) -> CycleReport:
+        """Fetch what is new, then do all processing that is ready."""
+        report = CycleReport()
+        try:
+            await self.retriever.fetch()
+        except TransportError as exc:
+            # Mail already stored still gets processed and forwarded.
+            report.fetch_error = exc
+            log.error("fetching mail failed: %s", exc.message)
+        except OSError as exc:
+            report.fetch_error = TransportError(
+                f"storing fetched mail failed: {exc.strerror or exc} ({exc.filename or '-'})",
+                "free disk space for the spool; mails stay on the server until they are stored",
+            )
+            log.error("%s", report.fetch_error.message)
+        else:
+            self._crash_hook("after-fetch")
+        await asyncio.to_thread(self.pipeline.run_once)
+        for row in self.db.query("SELECT status, COUNT(*) AS n FROM inbound_sets GROUP BY status"):
+            report.sets[row["status"]] = row["n"]
+        report.quarantined = self.db.query(
+            "SELECT COUNT(*) AS n FROM inbound_mails WHERE status = 'quarantined'"
+        )[0]["n"]
+        return report
+
+    async def run_forever(self) -> None:
+        """Poll until :attr:`stop` is set; back off while the mail server fails."""
+        interval = float(self.config.receiver.interval)
+        backoff = interval
+        while not self.stop.is_set():
+            report = await self.cycle()
+            if self.stop.is_set():
+                break
+            if report.fetch_error is not None:
+                if isinstance(report.fetch_error, AuthenticationError):
+                    log.error("the mail server refused our login; retrying in %.0f s", backoff)
+                await self._sleep(backoff)
+                backoff = min(MAX_POLL_BACKOFF, backoff * 2)
+                continue
+            backoff = interval
+            await self._wait(interval)
+
+    async def _wait(self, interval: float) -> None:
+        """Wait for new mail (IDLE) or the interval, whichever comes first; wake on stop."""
+        idle = asyncio.ensure_future(self.retriever.wait_for_mail(interval))
+        stopped = asyncio.ensure_future(self.stop.wait())
+        done, pending = await asyncio.wait({idle, stopped}, timeout=interval + 5,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        for task in done:
+            if task is idle and task.exception() is not None:
+                log.warning("waiting for new mail failed: %s", task.exception())
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._request_stop, signum)
+
+    def _request_stop(self, signum: int) -> None:
+        log.info("received %s: finishing the current step, then stopping", signal.Signals(signum).name)
+        self.stop.set()
