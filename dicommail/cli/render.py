@@ -51,7 +51,9 @@ def os_error(exc: OSError) -> DicommailError:
     """A file-system failure (disk full, permissions) as a message with a hint."""
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno == errno.ENOSPC:
-        return DicommailError(f"the disk is full{where}", "free space there and run the command again; nothing was lost")
+        return DicommailError(
+            f"the disk is full{where}", "free space there and run the command again; nothing was lost"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return DicommailError(f"permission denied{where}", "check the owner and permissions of that path")
     return DicommailError(f"{exc.strerror or exc}{where}", "check the path and the disk")

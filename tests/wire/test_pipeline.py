@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +26,9 @@ def receiving(practice_site: Site, tmp_path: Path) -> Iterator[tuple[Pipeline, D
     db = Database(tmp_path / "state.db")
     spool = Spool(tmp_path / "spool")
     out = tmp_path / "pacs-folder"
-    pipeline = Pipeline(db, spool, practice_site.keyring, FolderDestination(out), max_output=1024**3,
-                        set_timeout=3600, retry_interval=1)
+    pipeline = Pipeline(
+        db, spool, practice_site.keyring, FolderDestination(out), max_output=1024**3, set_timeout=3600, retry_interval=1
+    )
     yield pipeline, db, out
     db.close()
 
@@ -116,8 +117,9 @@ def test_destination_failure_is_retried_not_lost(
     spool = Spool(tmp_path / "spool")
     target = tmp_path / "pacs"
     target.write_text("a file where the destination folder should be")  # fails even for root
-    pipeline = Pipeline(db, spool, practice_site.keyring, FolderDestination(target), max_output=1024**3,
-                        retry_interval=0.01)
+    pipeline = Pipeline(
+        db, spool, practice_site.keyring, FolderDestination(target), max_output=1024**3, retry_interval=0.01
+    )
     packed = hospital_site.packer(PRACTICE).pack(scan(ct_study[:3]).files, tmp_path / "sent")
     _store(db, spool, [m.path for m in packed.mails])
     pipeline.run_once()
