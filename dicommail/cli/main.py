@@ -66,10 +66,17 @@ def init(app: AppContext, address: str, force: bool) -> None:
 def _register_subcommands() -> None:
     # Imported here so that each command module can import ``cli`` helpers
     # from this module without a cycle.
-    from dicommail.cli import keys, transfer
+    from dicommail.cli import echo, keys, receive, transfer
 
     cli.add_command(keys.keys)
+    cli.add_command(echo.echo)
+    cli.add_command(receive.receive)
     for command in transfer.COMMANDS:
+        cli.add_command(command)
+
+    from dicommail.cli import send
+
+    for command in send.COMMANDS:
         cli.add_command(command)
 
 
