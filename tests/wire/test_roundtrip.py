@@ -81,3 +81,20 @@ def test_several_studies_and_emergency_headers(
         [m.path for p in packed for m in p.mails], practice_site.keyring, tmp_path / "in", max_output=MAX
     )
     assert report.ok and len(report.sets) == 2
+
+
+def test_compressed_samples_travel_byte_identical(hospital_site: Site, practice_site: Site, tmp_path: Path) -> None:
+    from dicommail.samples import pydicom_sample
+
+    samples = [
+        pydicom_sample(n) for n in ("JPEG-lossy.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm")
+    ]
+    scanned = scan(samples)
+    assert len(scanned.files) == len(samples), scanned.skipped
+    packer = hospital_site.packer(PRACTICE)
+    mails = [m.path for files in scanned.studies().values() for m in packer.pack(files, tmp_path / "out").mails]
+    report = unpack_files(mails, practice_site.keyring, tmp_path / "in", max_output=MAX)
+    assert report.ok, (report.rejected, report.sets)
+    received = {p.name: p.read_bytes() for s in report.sets if s.directory for p in s.directory.iterdir()}
+    for sample in samples:
+        assert received[sample.name] == sample.read_bytes()
