@@ -9,6 +9,8 @@ teleradiology config must not be silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -133,9 +135,47 @@ class PacsConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: the C-STORE service a PACS pushes studies to (``dicommail gateway``)."""
+
+    aet: str = _setting("DICOMMAIL", kind="aet")
+    host: str = "127.0.0.1"
+    port: int = _setting(11112, low=1, high=65535)
+    study_idle_seconds: int = _setting(30, low=1, high=86400)
+    max_parallel_studies: int = _setting(2, low=1, high=64)
+    allowed_calling_aets: tuple[str, ...] = _setting((), kind="aet_list")
+    allowed_addresses: tuple[str, ...] = _setting((), kind="ip_list")
+    default_route: str = ""
+    send_interval: int = _setting(60, low=1, high=86400)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """``[routes."AETITLE"]``: where a study pushed to that called AE title goes."""
+
+    aet: str
+    recipients: tuple[str, ...] = _setting((), kind="mail_list")
+    note: str = ""
+    emergency: bool = False
+    max_mail_size: int | None = _setting(None, kind="size", low=MIN_MAIL_SIZE)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    ack_timeout: int = _setting(24 * 3600, low=1, high=90 * 86400)
+    resend_limit: int = _setting(3, low=0, high=100)
+    notifications: bool = True
+
+
+#: How acknowledgements go back to a peer: signed+encrypted, plain RFC 8098 MDN, or both.
+NOTIFICATION_METHODS = ("pgp", "rfc", "both")
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     address: str
     max_mail_size: int | None = None
+    notification: str = "pgp"
 
 
 @dataclass(frozen=True)
@@ -148,7 +188,12 @@ class Config:
     mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     peers: dict[str, PeerConfig] = field(default_factory=dict)
+    #: The sections the config file names (e.g. whether [smtp] was set up at all).
+    configured: frozenset[str] = frozenset()
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
 
     @property
     def gnupg_home(self) -> Path:
@@ -171,6 +216,11 @@ class Config:
         if peer and peer.max_mail_size:
             return peer.max_mail_size
         return self.packing.max_mail_size
+
+    def notification_for(self, address: str) -> str:
+        """How acknowledgements go to ``address``: "pgp" (default), "rfc" or "both"."""
+        peer = self.peers.get(address.lower())
+        return peer.notification if peer else "pgp"
 
     def passphrase(self) -> str | None:
         """Our key's passphrase, read from the configured file (never from argv)."""
@@ -224,16 +274,20 @@ _SECTIONS: dict[str, type] = {
     "mailbox": MailboxConfig,
     "receiver": ReceiverConfig,
     "pacs": PacsConfig,
+    "gateway": GatewayConfig,
+    "tracking": TrackingConfig,
 }
+#: Sections that are tables of tables, keyed by a name (parsed separately).
+_KEYED_SECTIONS = ("peers", "routes")
 
 
 def parse_config(raw: dict[str, Any], home: Path, source: str = "config") -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"peers"})
+    unknown = sorted(set(raw) - set(_SECTIONS) - set(_KEYED_SECTIONS))
     if unknown:
         raise ConfigError(
             f"{source}: unknown section(s): {', '.join(unknown)}",
-            f"known sections: {', '.join([*_SECTIONS, 'peers'])}",
+            f"known sections: {', '.join([*_SECTIONS, *_KEYED_SECTIONS])}",
         )
     sections = {name: _section(cls, raw.get(name, {}), name, source) for name, cls in _SECTIONS.items()}
     peers_raw = raw.get("peers", {})
@@ -243,17 +297,55 @@ def parse_config(raw: dict[str, Any], home: Path, source: str = "config") -> Con
     for peer_address, peer_raw in peers_raw.items():
         if not is_mail_address(peer_address) or not isinstance(peer_raw, dict):
             raise ConfigError(f'{source}: [peers."{peer_address}"] must name a mail address and be a table')
-        settings = _section(PackingConfig, peer_raw, f'peers."{peer_address}"', source, only=("max_mail_size",))
+        packing_raw = {k: v for k, v in peer_raw.items() if k != "notification"}
+        settings = _section(PackingConfig, packing_raw, f'peers."{peer_address}"', source, only=("max_mail_size",))
         size = settings.max_mail_size if "max_mail_size" in peer_raw else None
-        peers[peer_address.lower()] = PeerConfig(address=peer_address, max_mail_size=size)
-    return Config(home=home, peers=peers, **sections)
+        notification = peer_raw.get("notification", "pgp")
+        if notification not in NOTIFICATION_METHODS:
+            raise ConfigError(
+                f'{source}: peers."{peer_address}".notification must be one of {", ".join(NOTIFICATION_METHODS)}, '
+                f"got {notification!r}"
+            )
+        peers[peer_address.lower()] = PeerConfig(address=peer_address, max_mail_size=size, notification=notification)
+    routes = _routes(raw.get("routes", {}), source)
+    gateway: GatewayConfig = sections["gateway"]
+    if gateway.default_route and gateway.default_route not in routes:
+        raise ConfigError(
+            f"{source}: gateway.default_route names {gateway.default_route!r}, which is no [routes] table",
+            f'add [routes."{gateway.default_route}"] or leave gateway.default_route empty',
+        )
+    return Config(home=home, peers=peers, routes=routes, configured=frozenset(raw), **sections)
 
 
-def _section(cls: type, table: Any, name: str, source: str, only: tuple[str, ...] = ()) -> Any:
-    """Build one section's dataclass from its TOML table, validating every value."""
+def _routes(table: Any, source: str) -> dict[str, RouteConfig]:
+    """``[routes."AETITLE"]`` tables: the called AE title a PACS pushes to picks the recipients."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [routes] must be a table of AE titles")
+    routes: dict[str, RouteConfig] = {}
+    for aet, route_raw in table.items():
+        where = f'routes."{aet}"'
+        if not _AET_RE.match(aet) or aet != aet.strip() or not isinstance(route_raw, dict):
+            raise ConfigError(
+                f"{source}: [{where}] must name a DICOM AE title (1-16 characters, no backslash, no "
+                "leading or trailing spaces) and be a table"
+            )
+        settings = _section(RouteConfig, route_raw, where, source, skip=("aet",))
+        if not settings.recipients:
+            raise ConfigError(f"{source}: {where}.recipients is empty", "list at least one recipient address")
+        routes[aet] = dataclasses.replace(settings, aet=aet)
+    return routes
+
+
+def _section(cls: type, table: Any, name: str, source: str, only: tuple[str, ...] = (),
+             skip: tuple[str, ...] = ()) -> Any:
+    """Build one section's dataclass from its TOML table, validating every value.
+
+    ``skip`` names fields that are not settings (filled in by the caller; given
+    an empty placeholder here).
+    """
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    known = {f.name: f for f in fields(cls) if not only or f.name in only}
+    known = {f.name: f for f in fields(cls) if (not only or f.name in only) and f.name not in skip}
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError(
@@ -270,6 +362,10 @@ def _section(cls: type, table: Any, name: str, source: str, only: tuple[str, ...
                 value = parse_size(value)
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
+        elif meta.get("kind", "").endswith("_list"):
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ConfigError(f"{where} must be a list of strings")
+            value = tuple(value)
         elif spec.type in (bool, "bool"):
             if not isinstance(value, bool):
                 raise ConfigError(f"{where} must be true or false")
@@ -289,7 +385,7 @@ def _section(cls: type, table: Any, name: str, source: str, only: tuple[str, ...
             raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
         _check_kind(meta.get("kind", ""), value, where)
         values[key] = value
-    return cls(**values)
+    return cls(**{name: "" for name in skip}, **values)
 
 
 def _check_kind(kind: str, value: Any, where: str) -> None:
@@ -302,6 +398,25 @@ def _check_kind(kind: str, value: Any, where: str) -> None:
         )
     if kind == "aet" and not _AET_RE.match(value):
         raise ConfigError(f"{where}: {value!r} is not a DICOM AE title (1-16 characters, no backslash)")
+    if kind == "aet_list":
+        for item in value:
+            _check_kind("aet", item, where)
+    if kind == "mail_list":
+        for item in value:
+            if not is_mail_address(item):
+                raise ConfigError(f"{where}: {item!r} is not a mail address")
+    if kind == "ip_list":
+        for item in value:
+            _check_ip(item, where)
+
+
+def _check_ip(value: str, where: str) -> None:
+    """An IP address or network (``192.0.2.7``, ``192.0.2.0/24``, ``::1``)."""
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {value!r} is not an IP address or network (e.g. 192.0.2.7 or 192.0.2.0/24)") \
+            from exc
 
 
 CONFIG_TEMPLATE = """\
@@ -393,9 +508,55 @@ called_aet = "PACS"
 calling_aet = "DICOMMAIL"
 timeout = 30
 
+[gateway]
+# `dicommail gateway`: a DICOM node (C-STORE and C-ECHO) the PACS pushes
+# studies to; each study leaves as a DICOM-Mail set.  Register one node per
+# referrer in the PACS, each with its own called AE title (a [routes] table).
+# This gateway's own AE title (also accepted as called AE title for C-ECHO).
+aet = "DICOMMAIL"
+# Address to listen on.  The default accepts only this machine; set the
+# address of the network the PACS is on (or "0.0.0.0" for all) to serve it.
+host = "127.0.0.1"
+port = 11112
+# A study is complete when nothing arrived for it for this many seconds
+# after the association that carried it ended; then it is packed and sent.
+study_idle_seconds = 30
+# Studies packed and sent at the same time.
+max_parallel_studies = 2
+# Only these calling AE titles / peer addresses (IP or network) may push;
+# empty lists allow any.
+allowed_calling_aets = []
+allowed_addresses = []
+# The route for called AE titles without a [routes] table; empty: reject them.
+default_route = ""
+# Seconds between retries of queued mails that could not be sent.
+send_interval = 60
+
+# One table per called AE title: who gets studies pushed to it.
+# [routes."DR_MILLER"]
+# recipients = ["reading@practice.example"]
+# note = "From St. Example Radiology"
+# emergency = false
+# max_mail_size = "10M"
+
+[tracking]
+# Acknowledgements: a sent transfer that has no final notification from the
+# receiver after this many seconds is shown as expired.
+ack_timeout = 86400
+# Resends of parts the receiver reports as damaged or missing ("error, resend
+# possible"), per transfer; 0: such a report fails the transfer at once.
+resend_limit = 3
+# Send acknowledgements (disposition notifications) for received sets back
+# to their verified signer, through [smtp].
+notifications = true
+
 # Per-peer settings, keyed by the peer's mail address.
 # [peers."practice@practice.example"]
 # max_mail_size = "5M"
+# How acknowledgements go to this peer: "pgp" (signed and encrypted, the
+# default), "rfc" (plain RFC 8098 MDN, for senders that cannot decrypt them;
+# accepted from this peer only with this setting) or "both".
+# notification = "pgp"
 """
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, 
 from dicommail.config import Config, is_mail_address, parse_size
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import scan
+from dicommail.dicom import DicomFile, scan
 from dicommail.errors import ConfigError, DicommailError, InputError
 from dicommail.sender.outbox import (
     OutboundMail,
@@ -26,9 +28,11 @@ from dicommail.sender.outbox import (
     transfer_mails,
     transfer_result,
 )
+from dicommail.sender.packing import pack_options, sender_address
+from dicommail.sender.tracking import record_study_details
 from dicommail.store.db import Database
 from dicommail.transport.smtp import SmtpClient
-from dicommail.wire.pack import PackedSet, Packer, PackOptions
+from dicommail.wire.pack import PackedSet, Packer
 
 #: sysexits.h EX_TEMPFAIL: the study is queued and will be retried; cron and scripts know this code.
 EXIT_TEMPFAIL = 75
@@ -101,8 +105,14 @@ def send(
         if pending:
             sender = sender or config.identity.address or _own_address(config)
         else:
-            sender, sets = _pack(config, paths, recipient, sender, max_mail_size, note, attachments, emergency, as_json)
-            transfer_ids = [queue_set(db, packed) for packed in sets]
+            studies: dict[str, list[DicomFile]] = {}
+            sender, sets = _pack(config, paths, recipient, sender, max_mail_size, note, attachments, emergency, as_json,
+                                 studies)
+            # What each transfer holds (images, patient, study) is remembered locally, for `dicommail status`.
+            transfer_ids = [
+                queue_set(db, packed, on_queued=functools.partial(_remember, studies.get(packed.study_uid, [])))
+                for packed in sets
+            ]
         if not is_mail_address(sender):
             raise ConfigError("no sender address", "set identity.address in dicommail.toml or pass --from")
         try:
@@ -127,6 +137,10 @@ def send(
         raise SystemExit(EXIT_TEMPFAIL)
 
 
+def _remember(files: list[DicomFile], conn: sqlite3.Connection, transfer_id: int) -> None:
+    record_study_details(conn, transfer_id, files)
+
+
 def _own_address(config: Config) -> str:
     keyring = Keyring(config.gnupg_home)
     try:
@@ -145,6 +159,7 @@ def _pack(
     attachments: tuple[Path, ...],
     emergency: bool,
     as_json: bool,
+    studies_out: dict[str, list[DicomFile]] | None = None,
 ) -> tuple[str, list[PackedSet]]:
     """Pack each study into the outbox spool; on failure leave no mails of this run behind."""
     if not is_mail_address(recipient):
@@ -153,28 +168,25 @@ def _pack(
     sets: list[PackedSet] = []
     try:
         me = own_key(keyring, config.identity.key)
-        sender = sender or config.identity.address or me.email
-        if not is_mail_address(sender):
-            raise ConfigError("no sender address", "set identity.address in dicommail.toml or pass --from")
+        sender = sender_address(config, me, sender)
         result = scan(paths)
         for _path, reason in result.skipped:
             warn(echo_escape(reason) + " - skipped")
         studies = result.studies()
         if not studies:
             raise InputError("no DICOM files found in the given paths", "point send at DICOM files or folders")
-        options = PackOptions(
-            sender=sender,
-            recipient=recipient,
-            signer=me.fingerprint,
-            max_mail_size=max_mail_size or config.max_mail_size_for(recipient),
-            passphrase=config.passphrase(),
-            compression_level=config.packing.compression_level,
-            uid_root=config.packing.uid_root,
+        options = pack_options(
+            config,
+            me,
+            sender,
+            recipient,
             note=note,
             attachments=attachments,
             emergency=emergency,
-            workers=config.packing.workers,
+            max_mail_size=max_mail_size,
         )
+        if studies_out is not None:
+            studies_out.update(studies)
         total = sum(f.size for files in studies.values() for f in files)
         with _progress(as_json, total) as progress:
             task = progress.add_task("packing", total=total)

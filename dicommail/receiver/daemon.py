@@ -22,8 +22,11 @@ from typing import IO, Protocol
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.errors import AuthenticationError, DicommailError, TransportError
+from dicommail.receiver.notify import Notifier
 from dicommail.receiver.pipeline import Destination, Pipeline
 from dicommail.receiver.spool import Spool
+from dicommail.sender.outbox import ClientFactory, MailSender, send_pending, try_sender_lock
+from dicommail.sender.tracking import Tracker
 from dicommail.store.db import Database
 
 log = logging.getLogger("dicommail.receiver")
@@ -49,6 +52,10 @@ class CycleReport:
     fetch_error: DicommailError | None = None
     sets: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
+    #: Acknowledgements sent back to senders in this cycle.
+    notifications_sent: int = 0
+    #: Outbox mails (resends and queued transfers) sent in this cycle.
+    mails_sent: int = 0
 
 
 class ReceiverLockedError(DicommailError):
@@ -96,6 +103,24 @@ def crash_hook_from_env() -> Callable[[str], None]:
     return hook
 
 
+def _smtp_from_config(config: Config) -> ClientFactory | None:
+    """An SMTP client factory when the config has an [smtp] section, else None (nothing is sent)."""
+    if "smtp" not in config.configured:
+        return None
+    from dicommail.transport.smtp import SmtpClient
+
+    try:
+        client = SmtpClient.from_config(config)
+    except DicommailError as exc:
+        log.error("[smtp] is unusable, so no acknowledgements or resends are sent: %s", exc.message)
+        return None
+
+    def factory() -> contextlib.AbstractAsyncContextManager[MailSender]:
+        return client
+
+    return factory
+
+
 class Receiver:
     """Ties the stages together for one home."""
 
@@ -107,11 +132,16 @@ class Receiver:
         db: Database,
         keyring: Keyring,
         crash_hook: Callable[[str], None] | None = None,
+        smtp: ClientFactory | None = None,
     ) -> None:
         self.config = config
         self.retriever = retriever
         self.db = db
         self._crash_hook = crash_hook or (lambda _step: None)
+        # Mail goes out (acknowledgements, resends) only where [smtp] is set up.
+        self._smtp = smtp if smtp is not None else _smtp_from_config(config)
+        self.notifier = Notifier(db, config, keyring) if config.tracking.notifications else None
+        self.tracker = Tracker(db, config, keyring)
         self.pipeline = Pipeline(
             db,
             Spool(config.spool),
@@ -123,6 +153,8 @@ class Receiver:
             retry_interval=config.receiver.interval,
             retry_limit=config.receiver.retry_limit,
             crash_hook=self._crash_hook,
+            notifier=self.notifier,
+            report_handler=self.tracker,
         )
         self.stop = asyncio.Event()
 
@@ -144,12 +176,40 @@ class Receiver:
         else:
             self._crash_hook("after-fetch")
         await asyncio.to_thread(self.pipeline.run_once)
+        await self._send_outgoing(report)
         for row in self.db.query("SELECT status, COUNT(*) AS n FROM inbound_sets GROUP BY status"):
             report.sets[row["status"]] = row["n"]
         report.quarantined = self.db.query(
             "SELECT COUNT(*) AS n FROM inbound_mails WHERE status = 'quarantined'"
         )[0]["n"]
         return report
+
+    async def _send_outgoing(self, report: CycleReport) -> None:
+        """Acknowledgements to senders, and this site's outbox (resends asked for by receivers)."""
+        try:
+            self.tracker.expire_overdue()
+            if self._smtp is None:
+                return
+            if self.notifier is not None:
+                report.notifications_sent = await self.notifier.send_due(
+                    self._smtp, max_attempts=self.config.smtp.max_attempts
+                )
+            with try_sender_lock(self.config.spool / "outbox") as locked:
+                if not locked:
+                    log.info("another dicommail send is running; the outbox is left to it this cycle")
+                    return
+                sender = self.config.identity.address or self.notifier_sender()
+                results = await send_pending(self.db, self._smtp, sender=sender,
+                                             max_attempts=self.config.smtp.max_attempts)
+                report.mails_sent = sum(r.sent_now for r in results)
+            self.tracker.after_sending()
+        except DicommailError as exc:
+            log.error("sending mail failed: %s", exc.message)
+
+    def notifier_sender(self) -> str:
+        from dicommail.crypto.keys import own_key
+
+        return own_key(self.pipeline.keyring, self.config.identity.key).email
 
     async def run_forever(self) -> None:
         """Poll until :attr:`stop` is set; back off while the mail server fails."""

@@ -14,10 +14,16 @@ from dicommail.wire import headers as h
 from dicommail.wire.mime import LineReader, read_headers
 from dicommail.wire.partial import FragmentInfo, fragment_info
 
+#: The @GIT marker of a notification's outer header (see :mod:`dicommail.wire.notifications`).
+REPORT_HEADER = "X-TELEMEDICINE-REPORT"
+
 #: Kinds of fetched mail.
 DICOM_MAIL = "dicom-mail"
 FRAGMENT = "fragment"
 OTHER = "other"
+#: A disposition notification (acknowledgement): a plain multipart/report or a
+#: PGP/MIME mail marked X-TELEMEDICINE-REPORT.
+REPORT = "report"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ def classify(headers: Message) -> tuple[str, FragmentInfo | None]:
         return FRAGMENT, None  # a malformed fragment: stored, then quarantined by the pipeline
     if fragment is not None:
         return FRAGMENT, fragment
+    if headers.get(REPORT_HEADER) is not None or headers.get_content_type() == "multipart/report":
+        return REPORT, None
     if headers.get(h.SETID) is not None:
         return DICOM_MAIL, None
     return OTHER, None

@@ -27,11 +27,13 @@ from typing import Any, Protocol
 from dicommail.crypto.gpg import Keyring, Verification
 from dicommail.dicom import DicomFile
 from dicommail.errors import DestinationError, DicommailError, IncompleteSetError, WireFormatError
-from dicommail.receiver.inbox import DICOM_MAIL, FRAGMENT
+from dicommail.receiver.inbox import DICOM_MAIL, FRAGMENT, REPORT
+from dicommail.receiver.notify import Notifier
 from dicommail.receiver.spool import Spool
 from dicommail.store.db import Database, now
 from dicommail.store.files import fsync_dir
 from dicommail.wire.manifest import Manifest
+from dicommail.wire.notifications import ReceivedReport, open_report
 from dicommail.wire.partial import FragmentInfo, format_ranges, join_fragments
 from dicommail.wire.unpack import ReceivedFile, ReceivedPart, VerifiedSet, open_mail, verify_set
 
@@ -54,6 +56,14 @@ class Destination(Protocol):
         ...
 
 
+class ReportHandler(Protocol):
+    """Where notifications (acknowledgements) that arrive go: the sending side's tracking."""
+
+    def on_report(self, mail_id: int, received: ReceivedReport) -> None:
+        """Act on (or ignore) one notification; must be idempotent per ``mail_id``."""
+        ...
+
+
 class Pipeline:
     def __init__(
         self,
@@ -68,8 +78,13 @@ class Pipeline:
         retry_interval: float = 60.0,
         retry_limit: int = 0,
         crash_hook: Callable[[str], None] | None = None,
+        notifier: Notifier | None = None,
+        report_handler: ReportHandler | None = None,
     ) -> None:
         self.db = db
+        # Acknowledgements back to senders (None: none are recorded), and notifications that arrive here.
+        self.notifier = notifier
+        self.report_handler = report_handler
         self.spool = spool
         self.keyring = keyring
         self.destination = destination
@@ -114,6 +129,27 @@ class Pipeline:
             self._open(Path(row["spool_path"]), [row])
         for fragment_id, members in fragments.items():
             self._join(fragment_id, members)
+        if self.report_handler is not None:
+            for row in self.db.query(
+                "SELECT * FROM inbound_mails WHERE status = 'stored' AND kind = ? ORDER BY id", (REPORT,)
+            ):
+                self._report(row)
+
+    def _report(self, row: Any) -> None:
+        """A notification: decrypt and check it (PGP/MIME) or parse it (plain MDN), then hand it on."""
+        assert self.report_handler is not None
+        work = self.spool.work / uuid.uuid4().hex
+        try:
+            received = open_report(Path(row["spool_path"]), self.keyring, work, passphrase=self.passphrase)
+        except DicommailError as exc:
+            self._quarantine_mails([row], exc)
+            return
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.report_handler.on_report(row["id"], received)
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE inbound_mails SET status = 'processed', processed_at = ?, set_id = ? WHERE id = ?",
+                         (now(), received.notification.set_id[:128] or None, row["id"]))
 
     def _join(self, fragment_id: str, members: list[Any]) -> None:
         total = next((m["fragment_total"] for m in members if m["fragment_total"]), None)
@@ -174,6 +210,8 @@ class Pipeline:
                     (part.set_id, part.signer.user_id, part.signer.fingerprint, part.set_total, part.study_uid,
                      now(), now()),
                 )
+                if self.notifier is not None:
+                    self.notifier.on_part_verified(conn, part)
             for row in rows:
                 conn.execute(
                     "UPDATE inbound_mails SET status = 'processed', processed_at = ?, set_id = ?, set_part = ? "
@@ -197,6 +235,8 @@ class Pipeline:
                     "UPDATE inbound_mails SET status = 'quarantined', error = ?, processed_at = ? WHERE id = ?",
                     (f"{error.code}: {error.message}", now(), row["id"]),
                 )
+            if self.notifier is not None:
+                self.notifier.on_mail_failed(conn, rows, error)
         log.warning("mail %s quarantined in %s: %s", rows[0]["id"], place, error.message)
 
     # -- parts -> complete sets -----------------------------------------------------------
@@ -218,6 +258,8 @@ class Pipeline:
                     "UPDATE inbound_sets SET status = 'complete', updated_at = ? WHERE set_id = ?",
                     (now(), row["set_id"]),
                 )
+                if self.notifier is not None:
+                    self.notifier.on_set_verified(conn, row["set_id"])
             log.info("set %s complete: %d DICOM files verified against the manifest", verified.set_id,
                      len(verified.dicom_files))
 
@@ -234,6 +276,8 @@ class Pipeline:
                 "UPDATE inbound_sets SET status = ?, error = ?, updated_at = ? WHERE set_id = ?",
                 (status, f"{error.code}: {error.message}", now(), set_id),
             )
+            if self.notifier is not None:
+                self.notifier.on_set_finished(conn, set_id, status, error)
         log.error("set %s %s: %s (kept in %s)", set_id, status, error.message, place)
 
     # -- complete sets -> destination ---------------------------------------------------------
@@ -288,6 +332,10 @@ class Pipeline:
                 "WHERE set_id = ?",
                 (now(), now(), set_id),
             )
+            if self.notifier is not None:
+                self.notifier.on_set_finished(conn, set_id, "delivered", files=len(verified.files),
+                                              dicom_instances=len(verified.dicom_files),
+                                              warnings=len(verified.warnings))
         shutil.rmtree(self.spool.parts / set_id, ignore_errors=True)
         log.info("set %s delivered: %d DICOM files", set_id, len(verified.dicom_files))
 
@@ -302,6 +350,8 @@ class Pipeline:
             have = {r["set_part"] for r in self.db.query(
                 "SELECT set_part FROM inbound_parts WHERE set_id = ?", (row["set_id"],))}
             missing = [n for n in range(1, row["set_total"] + 1) if n not in have]
+            if self.notifier is not None and missing and not self._expires_now(row["set_id"], missing):
+                continue
             error = IncompleteSetError(
                 f"set {row['set_id']} expired with {len(missing)} of {row['set_total']} parts missing: "
                 f"{format_ranges(missing) if missing else '-'}",
@@ -309,6 +359,17 @@ class Pipeline:
                 missing_parts=missing,
             )
             self._fail_set(row["set_id"], error, status="expired")
+
+    def _expires_now(self, set_id: str, missing: list[int]) -> bool:
+        """With acknowledgements, a timed-out set first asks for its missing parts and waits once more."""
+        assert self.notifier is not None
+        tracking = self.db.query("SELECT missing_reported_at FROM set_tracking WHERE set_id = ?", (set_id,))
+        reported = tracking[0]["missing_reported_at"] if tracking else None
+        if reported is not None:
+            return bool(reported < now() - self.set_timeout)
+        with self.db.transaction() as conn:
+            asked = self.notifier.on_parts_missing(conn, set_id, missing)
+        return not asked
 
     def status(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.query("SELECT * FROM inbound_sets ORDER BY first_seen_at")]

@@ -41,7 +41,7 @@ log = logging.getLogger("dicommail.receiver")
 _T = TypeVar("_T")
 
 #: Kinds of mail that are ours, and so subject to ``after_processing``.
-_OURS = frozenset({inbox.DICOM_MAIL, inbox.FRAGMENT})
+_OURS = frozenset({inbox.DICOM_MAIL, inbox.FRAGMENT, inbox.REPORT})
 
 #: RFC 2177: re-issue IDLE well before the server's 30 minute inactivity timer.
 _IDLE_ROUND = 25 * 60.0
@@ -419,6 +419,12 @@ class ImapRetriever(_Retriever):
         self._capabilities = frozenset(str(c).upper() for c in imap.protocol.capabilities)
         log.debug("connected to %s as %s (%s)", self._where, self.settings.username, self.tls_version or "no TLS")
 
+    async def check_login(self) -> None:
+        """Connect, secure and log in, then log out: for ``dicommail check``."""
+        async with self._lock:
+            await self._connect()
+        await self.close()
+
     async def _starttls(self, imap: Any) -> None:
         """Upgrade the plain connection (aioimaplib knows the command but has no method for it)."""
         protocol = imap.protocol
@@ -760,6 +766,11 @@ class Pop3Retriever(_Retriever):
         """POP3 cannot announce mail: sleep ``timeout`` seconds and return ``False``."""
         await asyncio.sleep(timeout)
         return False
+
+    async def check_login(self) -> None:
+        """Connect, secure and log in, then quit: for ``dicommail check``."""
+        pop = await asyncio.to_thread(self._open)
+        await asyncio.to_thread(_close_quietly, pop)
 
     def _open(self) -> poplib.POP3:
         doing = "connecting"

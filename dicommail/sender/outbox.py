@@ -121,8 +121,18 @@ def retry_delay(attempts: int) -> float:
     return min(RETRY_BASE * 2.0 ** max(0, attempts - 1), RETRY_CAP)
 
 
-def queue_set(db: Database, packed: PackedSet, *, now: Callable[[], float] = time.time) -> int:
-    """Record a packed set and its mails as queued, in one transaction; return the transfer id."""
+def queue_set(
+    db: Database,
+    packed: PackedSet,
+    *,
+    now: Callable[[], float] = time.time,
+    on_queued: Callable[[sqlite3.Connection, int], None] | None = None,
+) -> int:
+    """Record a packed set and its mails as queued, in one transaction; return the transfer id.
+
+    ``on_queued(conn, transfer_id)`` runs inside that transaction, so a caller
+    can record what the transfer belongs to atomically with it.
+    """
     at = now()
     try:
         with db.transaction() as conn:
@@ -161,6 +171,8 @@ def queue_set(db: Database, packed: PackedSet, *, now: Callable[[], float] = tim
                     for mail in packed.mails
                 ],
             )
+            if on_queued is not None:
+                on_queued(conn, transfer_id)
     except sqlite3.IntegrityError as exc:
         raise StateError(
             f"set {packed.set_id} is already in the outbox",
@@ -407,6 +419,22 @@ def _record_failure(db: Database, transfer_id: int, mail_id: int, attempts: int,
             "UPDATE transfers SET status = ?, error = ?, updated_at = ? WHERE id = ?",
             (FAILED, reason, at, transfer_id),
         )
+
+
+@contextlib.contextmanager
+def try_sender_lock(spool: Path) -> Iterator[bool]:
+    """Like :func:`sender_lock`, but without waiting: yields False if another process is sending."""
+    spool.mkdir(parents=True, exist_ok=True)
+    with (spool / ".send.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -107,6 +107,128 @@ CREATE TABLE forwarded_instances (
 );
 """
 
+#: Tables added since schema 1 shipped, created where missing each time a
+#: database is opened (so an existing state.db gains them without a migration).
+ADDED_TABLES = """
+-- The sending gateway (dicommail gateway): studies pushed by C-STORE.
+CREATE TABLE IF NOT EXISTS gateway_studies (
+    id               INTEGER PRIMARY KEY,
+    route            TEXT NOT NULL,       -- the called AE title's route
+    study_uid        TEXT NOT NULL,
+    status           TEXT NOT NULL,       -- receiving, complete, packing, queued, sent, failed
+    instances        INTEGER NOT NULL DEFAULT 0,
+    bytes            INTEGER NOT NULL DEFAULT 0,
+    calling_aet      TEXT NOT NULL,
+    peer             TEXT NOT NULL,       -- IP address of the pushing node
+    error            TEXT,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    completed_at     REAL,
+    queued_at        REAL,
+    updated_at       REAL NOT NULL
+);
+-- One study collects instances per route at a time; a later push opens a new one.
+CREATE UNIQUE INDEX IF NOT EXISTS gateway_studies_receiving
+    ON gateway_studies (route, study_uid) WHERE status = 'receiving';
+
+CREATE TABLE IF NOT EXISTS gateway_instances (
+    study_id         INTEGER NOT NULL REFERENCES gateway_studies(id) ON DELETE CASCADE,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    path             TEXT NOT NULL,       -- the file as received, in the spool
+    size             INTEGER NOT NULL,
+    received_at      REAL NOT NULL,
+    PRIMARY KEY (study_id, sop_instance_uid)
+);
+
+-- The set queued for each recipient of a study (recorded with queue_set's transaction).
+CREATE TABLE IF NOT EXISTS gateway_transfers (
+    study_id    INTEGER NOT NULL REFERENCES gateway_studies(id) ON DELETE CASCADE,
+    recipient   TEXT NOT NULL,
+    transfer_id INTEGER NOT NULL REFERENCES transfers(id),
+    PRIMARY KEY (study_id, recipient)
+);
+"""
+
+#: Acknowledgements and transfer tracking (also created where missing).
+TRACKING_TABLES = """
+-- Sending side: what the receiver reported about a transfer, and when.
+CREATE TABLE IF NOT EXISTS transfer_tracking (
+    transfer_id       INTEGER PRIMARY KEY REFERENCES transfers(id) ON DELETE CASCADE,
+    images            INTEGER,            -- DICOM instances sent (local only)
+    patient_name      TEXT,               -- local only, shown with --show-patient
+    study_description TEXT,               -- local only, shown with --show-patient
+    resends           INTEGER NOT NULL DEFAULT 0,  -- resend rounds after error reports
+    reason            TEXT,               -- reason code of a failure or expiry
+    finished_at       REAL,               -- final notification processed (sender's clock)
+    transfer_seconds  REAL,               -- finished_at - transfers.first_sent_at
+    final_report      TEXT                -- the receiver's status JSON
+);
+
+-- Sending side: every notification that arrived, acted on or ignored.
+CREATE TABLE IF NOT EXISTS acknowledgements (
+    id                  INTEGER PRIMARY KEY,
+    inbound_id          INTEGER UNIQUE,   -- inbound_mails row: each mail is handled once
+    transfer_id         INTEGER REFERENCES transfers(id) ON DELETE CASCADE,
+    set_id              TEXT,
+    set_part            INTEGER,          -- NULL: about the whole set
+    scope               TEXT,             -- part, set
+    outcome             TEXT,             -- success, warning, error, fatal
+    disposition         TEXT,
+    reason              TEXT,
+    method              TEXT NOT NULL,    -- pgp, rfc
+    signer              TEXT,             -- fingerprint (pgp)
+    message_id          TEXT,
+    original_message_id TEXT,
+    accepted            INTEGER NOT NULL, -- 1: acted on; 0: ignored (see detail)
+    detail              TEXT,
+    received_at         REAL NOT NULL
+);
+
+-- Sending side: what happened to a transfer besides sending (resends, expiry, retry, cancel).
+CREATE TABLE IF NOT EXISTS transfer_events (
+    id          INTEGER PRIMARY KEY,
+    transfer_id INTEGER NOT NULL REFERENCES transfers(id) ON DELETE CASCADE,
+    at          REAL NOT NULL,
+    event       TEXT NOT NULL,
+    set_part    INTEGER,
+    detail      TEXT
+);
+
+-- Receiving side: notifications to send back, one row per event and method (idempotent).
+CREATE TABLE IF NOT EXISTS notifications (
+    id                  INTEGER PRIMARY KEY,
+    event               TEXT NOT NULL UNIQUE,
+    set_id              TEXT NOT NULL,
+    set_part            INTEGER,          -- NULL: about the whole set
+    set_total           INTEGER,
+    scope               TEXT NOT NULL,    -- part, set
+    outcome             TEXT NOT NULL,    -- success, warning, error, fatal
+    reason              TEXT,
+    missing_parts       TEXT,             -- JSON list (parts missing after the timeout)
+    report              TEXT,             -- the status JSON (set scope)
+    recipient           TEXT,             -- NULL while held: no verified signer known yet
+    method              TEXT,             -- pgp, rfc (NULL while held)
+    original_message_id TEXT,
+    message_id          TEXT NOT NULL,
+    path                TEXT,             -- the built mail in the spool
+    status              TEXT NOT NULL,    -- held, pending, sent, failed, superseded
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at     REAL NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    created_at          REAL NOT NULL,
+    sent_at             REAL
+);
+
+-- Receiving side: per-set times the final notification reports.
+CREATE TABLE IF NOT EXISTS set_tracking (
+    set_id              TEXT PRIMARY KEY,
+    verified_at         REAL,
+    missing_reported_at REAL              -- parts-missing report sent; the set waits once more
+);
+"""
+
 
 class StateError(DicommailError):
     code = "state"
@@ -140,6 +262,8 @@ class Database:
                 f"the state database was written by a newer dicommail (schema {version})",
                 "upgrade dicommail on this machine",
             )
+        self._conn.executescript(ADDED_TABLES)
+        self._conn.executescript(TRACKING_TABLES)
 
     def close(self) -> None:
         self._conn.close()
