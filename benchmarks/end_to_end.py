@@ -28,7 +28,7 @@ import pydicom  # noqa: E402
 
 from dicommail.samples import write_ct_study  # noqa: E402
 from testbed import MailServers, Pacs, dcmtk_tool, ensure_installed  # noqa: E402
-from tests.integration.sites import HOSPITAL, PRACTICE, make_home, remove_home  # noqa: E402
+from testbed.sites import HOSPITAL, PRACTICE, make_home, remove_home  # noqa: E402
 
 
 def wait_for(pacs: Pacs, uids: set[str], timeout: float = 1800) -> float:

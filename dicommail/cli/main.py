@@ -66,18 +66,14 @@ def init(app: AppContext, address: str, force: bool) -> None:
 def _register_subcommands() -> None:
     # Imported here so that each command module can import ``cli`` helpers
     # from this module without a cycle.
-    from dicommail.cli import echo, keys, receive, transfer
+    from dicommail.cli import check, echo, gateway, keys, receive, send, status, transfer
 
     cli.add_command(keys.keys)
     cli.add_command(echo.echo)
     cli.add_command(receive.receive)
-    for command in transfer.COMMANDS:
-        cli.add_command(command)
-
-    from dicommail.cli import send
-
-    for command in send.COMMANDS:
-        cli.add_command(command)
+    for module in (transfer, send, gateway, check, status):
+        for command in module.COMMANDS:
+            cli.add_command(command)
 
 
 _register_subcommands()

@@ -22,7 +22,7 @@ from dicommail.dicom import scan
 from dicommail.samples import write_ct_study
 from dicommail.wire.pack import Packer, PackOptions
 from testbed import MailServers, Pacs
-from tests.integration.sites import (
+from testbed.sites import (
     HOSPITAL,
     PRACTICE,
     Home,

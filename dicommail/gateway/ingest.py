@@ -1,0 +1,185 @@
+"""Durable reception: each pushed instance is on disk and in ``state.db`` before the PACS hears "success".
+
+An instance is written as a DICOM Part 10 file exactly as it arrived (the
+encoded data set the PACS sent, behind a File Meta header), through a
+temporary file that is fsynced and renamed into ``spool/gateway/<study>/``;
+only then is its row committed.  A file without a row is an orphan of a crash
+and is never used; a row always names a complete file.
+
+Instances are grouped into studies per route (the called AE title): the
+instances of one Study Instance UID pushed to one route collect in one
+"receiving" study until it goes quiet (see :class:`StudyTracker`); a later
+push of the same study opens a new one and is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicommail.errors import InputError
+from dicommail.store.db import Database
+from dicommail.store.files import atomic_writer
+from dicommail.wire.headers import is_uid
+
+log = logging.getLogger("dicommail.gateway")
+
+RECEIVING = "receiving"
+COMPLETE = "complete"
+PACKING = "packing"
+QUEUED = "queued"
+SENT = "sent"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One received C-STORE: identifiers and the Part 10 bytes to keep."""
+
+    route: str
+    calling_aet: str
+    peer: str
+    study_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Stored:
+    study_id: int
+    duplicate: bool  # the study already had this instance: nothing was written
+
+
+StudyKey = tuple[str, str]  # (route, study UID)
+
+
+class StudyTracker:
+    """Which receiving studies are still busy: an open association carries them, or one did recently.
+
+    A study counts as complete once no association that carried it is open
+    and nothing arrived for it for ``idle_seconds``: PACSs often send one study
+    over several associations, one after the other.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lock = threading.Lock()
+        self._clock = clock
+        self._open: dict[StudyKey, set[int]] = {}
+        self._last: dict[StudyKey, float] = {}
+
+    def begin(self, key: StudyKey, association: int) -> None:
+        """An association is about to store an instance of ``key``: the study stays open while it lasts."""
+        with self.lock:
+            self._open.setdefault(key, set()).add(association)
+            self._last[key] = self._clock()
+
+    def end_association(self, association: int) -> None:
+        """An association ended (released, aborted or dropped): its studies' idle time starts now."""
+        with self.lock:
+            now = self._clock()
+            for key, carriers in list(self._open.items()):
+                if association in carriers:
+                    carriers.discard(association)
+                    self._last[key] = now
+                    if not carriers:
+                        del self._open[key]
+
+    def restart(self, keys: Iterable[StudyKey]) -> None:
+        """After a restart: the idle time of studies still receiving starts anew."""
+        with self.lock:
+            now = self._clock()
+            for key in keys:
+                self._last[key] = now
+
+    def is_idle(self, key: StudyKey, idle_seconds: float) -> bool:
+        """Call with :attr:`lock` held, and mark the study complete before releasing it."""
+        if self._open.get(key):
+            return False
+        last = self._last.get(key)
+        return last is None or self._clock() - last >= idle_seconds
+
+    def forget(self, key: StudyKey) -> None:
+        """Call with :attr:`lock` held, once the study is no longer receiving."""
+        self._last.pop(key, None)
+
+
+class Ingest:
+    """Stores instances in the spool and the state database."""
+
+    def __init__(self, db: Database, spool: Path, crash_hook: Callable[[str], None] | None = None) -> None:
+        self.db = db
+        self.root = spool / "gateway"
+        self._crash_hook = crash_hook or (lambda _step: None)
+
+    def study_dir(self, study_id: int) -> Path:
+        return self.root / f"{study_id:08d}"
+
+    def store(self, item: Instance, now: Callable[[], float] = time.time) -> Stored:
+        """Write ``item`` durably and record it; a repeated SOP Instance UID is not stored twice.
+
+        Raises ``OSError`` (disk full, permissions) or a database error: the
+        caller answers "out of resources" and the PACS tries again later.
+        """
+        for name, uid in (("SOP Instance UID", item.sop_instance_uid), ("Study Instance UID", item.study_uid)):
+            if not is_uid(uid):
+                raise InputError(f"the instance has no valid {name}", "the sending node produced a malformed object")
+        at = now()
+        with self.db.transaction() as conn:
+            study_id = self._receiving_study(conn, item, at)
+            known = conn.execute(
+                "SELECT 1 FROM gateway_instances WHERE study_id = ? AND sop_instance_uid = ?",
+                (study_id, item.sop_instance_uid),
+            ).fetchone()
+        if known:
+            return Stored(study_id, duplicate=True)
+        path = self.study_dir(study_id) / f"{item.sop_instance_uid}.dcm"
+        self._crash_hook("gateway-before-store")
+        with atomic_writer(path) as handle:
+            handle.write(item.data)
+        with self.db.transaction() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO gateway_instances (study_id, sop_instance_uid, sop_class_uid, transfer_syntax,"
+                    " path, size, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (study_id, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax, str(path),
+                     len(item.data), at),
+                )
+            except sqlite3.IntegrityError:
+                # The same instance arrived twice at once (two associations): the first row stands.
+                return Stored(study_id, duplicate=True)
+            conn.execute(
+                "UPDATE gateway_studies SET instances = instances + 1, bytes = bytes + ?, last_received_at = ?,"
+                " updated_at = ? WHERE id = ?",
+                (len(item.data), at, at, study_id),
+            )
+        self._crash_hook("gateway-after-store")
+        return Stored(study_id, duplicate=False)
+
+    def _receiving_study(self, conn: sqlite3.Connection, item: Instance, at: float) -> int:
+        row = conn.execute(
+            "SELECT id FROM gateway_studies WHERE route = ? AND study_uid = ? AND status = ?",
+            (item.route, item.study_uid, RECEIVING),
+        ).fetchone()
+        if row is not None:
+            return int(row["id"])
+        cursor = conn.execute(
+            "INSERT INTO gateway_studies (route, study_uid, status, calling_aet, peer, first_received_at,"
+            " last_received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (item.route, item.study_uid, RECEIVING, item.calling_aet, item.peer, at, at, at),
+        )
+        assert cursor.lastrowid is not None
+        log.info("study %s: receiving for route %s from %s (%s)", item.study_uid, item.route, item.calling_aet,
+                 item.peer)
+        return cursor.lastrowid
+
+    def remove_files(self, study_id: int) -> None:
+        """Delete a queued study's received files: its sets carry them now."""
+        shutil.rmtree(self.study_dir(study_id), ignore_errors=True)
