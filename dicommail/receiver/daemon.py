@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,10 @@ class Receiver:
                 "free disk space for the spool; mails stay on the server until they are stored",
             )
             log.error("%s", report.fetch_error.message)
+        except (DicommailError, sqlite3.Error) as exc:
+            # Whatever one mail or the state database did, the loop goes on.
+            report.fetch_error = TransportError(f"fetching mail failed: {exc}", "see the log; retried next cycle")
+            log.error("%s", report.fetch_error.message)
         else:
             self._crash_hook("after-fetch")
         await asyncio.to_thread(self.pipeline.run_once)
@@ -205,6 +210,9 @@ class Receiver:
             self.tracker.after_sending()
         except DicommailError as exc:
             log.error("sending mail failed: %s", exc.message)
+        except (OSError, sqlite3.Error) as exc:
+            # Disk full or a locked database: nothing is marked sent, so it is retried next cycle.
+            log.error("sending mail failed: %s; retried next cycle", exc)
 
     def notifier_sender(self) -> str:
         from dicommail.crypto.keys import own_key

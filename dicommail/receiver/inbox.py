@@ -56,6 +56,12 @@ def classify(headers: Message) -> tuple[str, FragmentInfo | None]:
     return OTHER, None
 
 
+def _small_int(value: object) -> int | None:
+    """A header's number if it is a plain, reasonably small one (SQLite and hostile input)."""
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+
+
 def _row(row: sqlite3.Row) -> InboundMail:
     return InboundMail(
         id=row["id"],
@@ -83,10 +89,15 @@ def store_fetched(db: Database, spool: Spool, account: str, server_uid: str, dat
     if existing is not None:
         return existing
     path = spool.store_raw(data)
-    with path.open("rb") as handle:
-        headers = read_headers(LineReader(handle))
-    kind, fragment = classify(headers)
-    set_part = headers.get(h.SETPART)
+    try:
+        with path.open("rb") as handle:
+            headers = read_headers(LineReader(handle))
+        kind, fragment = classify(headers)
+    except (DicommailError, ValueError, UnicodeError):
+        # Unreadable headers (e.g. a 64 KiB block): not ours to process, and it
+        # must not stop the receiver; it stays on the server as other mail.
+        headers, kind, fragment = Message(), OTHER, None
+    set_part = _small_int(headers.get(h.SETPART))
     with db.transaction() as conn:
         cursor = conn.execute(
             """INSERT INTO inbound_mails (account, server_uid, message_id, size, spool_path, kind, status,
@@ -101,7 +112,7 @@ def store_fetched(db: Database, spool: Spool, account: str, server_uid: str, dat
                 kind,
                 OTHER if kind == OTHER else "stored",
                 str(headers.get(h.SETID, "")).strip()[:128] or None,
-                int(set_part) if set_part is not None and str(set_part).strip().isdigit() else None,
+                set_part,
                 fragment.id if fragment else None,
                 fragment.number if fragment else None,
                 fragment.total if fragment else None,
@@ -110,6 +121,9 @@ def store_fetched(db: Database, spool: Spool, account: str, server_uid: str, dat
         )
         mail_id = cursor.lastrowid
     assert mail_id is not None
+    if kind == OTHER:
+        # Other mail stays on the server; no reason to keep a plaintext copy here.
+        path.unlink(missing_ok=True)
     found = known(db, account, server_uid)
     assert found is not None and found.id == mail_id
     return found

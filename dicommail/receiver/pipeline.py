@@ -31,7 +31,7 @@ from dicommail.receiver.inbox import DICOM_MAIL, FRAGMENT, REPORT
 from dicommail.receiver.notify import Notifier
 from dicommail.receiver.spool import Spool
 from dicommail.store.db import Database, now
-from dicommail.store.files import fsync_dir
+from dicommail.store.files import atomic_writer, fsync_dir
 from dicommail.wire.manifest import Manifest
 from dicommail.wire.notifications import ReceivedReport, open_report
 from dicommail.wire.partial import FragmentInfo, format_ranges, join_fragments
@@ -268,7 +268,7 @@ class Pipeline:
         return verify_set([_load_part(Path(r["directory"])) for r in rows])
 
     def _fail_set(self, set_id: str, error: DicommailError, status: str = "failed") -> None:
-        directory = self.spool.parts / set_id
+        directory = self.spool.set_dir(set_id)
         place = self.spool.quarantine(directory, error, f"set-{set_id}", {"set_id": set_id})
         shutil.rmtree(directory, ignore_errors=True)
         with self.db.transaction() as conn:
@@ -336,7 +336,7 @@ class Pipeline:
                 self.notifier.on_set_finished(conn, set_id, "delivered", files=len(verified.files),
                                               dicom_instances=len(verified.dicom_files),
                                               warnings=len(verified.warnings))
-        shutil.rmtree(self.spool.parts / set_id, ignore_errors=True)
+        shutil.rmtree(self.spool.set_dir(set_id), ignore_errors=True)
         log.info("set %s delivered: %d DICOM files", set_id, len(verified.dicom_files))
 
     # -- incomplete sets -------------------------------------------------------------------
@@ -402,7 +402,8 @@ def _save_part(part: ReceivedPart, directory: Path) -> None:
             for f in part.files
         ],
     }
-    (directory / "part.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    with atomic_writer(directory / "part.json") as handle:
+        handle.write(json.dumps(data, indent=1).encode("utf-8"))
 
 
 def _load_part(directory: Path) -> ReceivedPart:

@@ -37,8 +37,15 @@ class Spool:
             handle.write(data)
         return path
 
+    def set_dir(self, set_id: str) -> Path:
+        """The directory of one set's decoded parts; never outside ``parts/``."""
+        path = self.parts / set_id
+        if path.parent != self.parts or set_id in ("", ".", ".."):
+            raise ValueError(f"not a usable set ID for a spool path: {set_id!r}")
+        return path
+
     def part_dir(self, set_id: str, set_part: int) -> Path:
-        return self.parts / set_id / f"{set_part:05d}"
+        return self.set_dir(set_id) / f"{set_part:05d}"
 
     def quarantine(self, source: Path | None, error: DicommailError, label: str, details: dict[str, object]) -> Path:
         """Keep a copy of ``source`` with the reason, so that nothing is lost; return the folder."""

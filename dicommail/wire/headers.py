@@ -20,7 +20,9 @@ _STUDYID_RE = re.compile(r"^[A-Za-z0-9_.,-]{1,64}$")
 #: DICOM UIDs: digits and dots, no leading zeros in components, 64 chars max.
 _UID_RE = re.compile(r"^(0|[1-9]\d*)(\.(0|[1-9]\d*))*$")
 #: A set ID from a foreign sender may be any token; bound it and its alphabet.
-_SETID_RE = re.compile(r"^[A-Za-z0-9_.,:@+=-]{1,128}$")
+#: It names a spool directory, so it must start with a letter or digit
+#: ("." and ".." would name the spool itself or its parent).
+_SETID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,:@+=-]{0,127}$")
 
 
 def is_uid(value: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -156,6 +157,9 @@ class _FileSink:
         self.handle.write(data)
 
     def close(self) -> None:
+        # Durable before anyone records the part as received (the server copy may go next).
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
         self.handle.close()
 
 

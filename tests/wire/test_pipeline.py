@@ -149,3 +149,21 @@ def test_state_survives_a_new_pipeline(
         db.close()
     with sqlite3.connect(tmp_path / "state.db") as raw:
         assert raw.execute("SELECT status FROM inbound_sets").fetchone()[0] == "delivered"
+
+
+def test_hostile_headers_do_not_stop_the_receiver(tmp_path: Path) -> None:
+    from dicommail.wire.headers import is_set_id
+
+    db = Database(tmp_path / "state.db")
+    spool = Spool(tmp_path / "spool")
+    huge_part = b"X-TELEMEDICINE-SETID: 2.25.1\nX-TELEMEDICINE-SETPART: " + b"9" * 5000 + b"\n\nbody\n"
+    huge_block = b"X-Junk: " + b"a" * 70_000 + b"\nX-TELEMEDICINE-SETID: 2.25.2\n\nbody\n"
+    first = store_fetched(db, spool, ACCOUNT, "9:1", huge_part)
+    second = store_fetched(db, spool, ACCOUNT, "9:2", huge_block)
+    assert first.kind == "dicom-mail" and second.kind == "other"
+    assert db.query("SELECT set_part FROM inbound_mails WHERE id = ?", (first.id,))[0]["set_part"] is None
+    assert not second.spool_path.exists()  # other mail stays on the server, no copy kept here
+    for bad in ("..", ".", "", "../x", "a/b"):
+        assert not is_set_id(bad)
+    assert is_set_id("2.25.123") and is_set_id("msg-ab12")
+    db.close()
