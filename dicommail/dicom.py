@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from dicommail.errors import InputError, NotDicomError
 from dicommail.wire.headers import is_uid
@@ -30,19 +33,36 @@ class DicomFile:
     instance_number: int
 
 
-def read_dicom_info(path: Path, label: str | None = None) -> DicomFile:
-    """Read the identifying UIDs of a Part 10 file; :class:`NotDicomError` if it is none."""
-    label = label or str(path)
+def instance_number(value: object) -> int:
+    """An Instance Number, for ordering only: its first value if that is numeric, else 0 (never an error)."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else None
+    if value is None:
+        return 0
+    text = str(value).split("\\", 1)[0].strip()
     try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+        return int(text)
+    except ValueError:
+        try:
+            return int(float(text))
+        except (ValueError, OverflowError):
+            return 0
+
+
+def _identifiers(source: Path | BinaryIO, label: str) -> tuple[str, str, str, str, str, int]:
+    """(study, series, SOP instance, SOP class, transfer syntax, instance number); :class:`NotDicomError`."""
+    try:
+        dataset = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_TAGS)
         meta = dataset.file_meta
         sop_instance = str(dataset.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", ""))
         sop_class = str(dataset.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
         study = str(dataset.get("StudyInstanceUID", ""))
         series = str(dataset.get("SeriesInstanceUID", ""))
         syntax = str(meta.get("TransferSyntaxUID", ""))
-        number_value = dataset.get("InstanceNumber", 0)
-        number = int(number_value) if number_value not in (None, "") else 0
+        try:
+            number = instance_number(dataset.get("InstanceNumber", None))
+        except (ValueError, TypeError):  # a value pydicom cannot even convert: it only orders files
+            number = 0
     except InvalidDicomError as exc:
         raise NotDicomError(f"{label} is not a DICOM Part 10 file", "only DICOM files can be sent as images") from exc
     except (OSError, ValueError, TypeError, AttributeError, EOFError, KeyError) as exc:
@@ -52,16 +72,32 @@ def read_dicom_info(path: Path, label: str | None = None) -> DicomFile:
     for name, uid in (("SOP Instance UID", sop_instance), ("Study Instance UID", study)):
         if not is_uid(uid):
             raise NotDicomError(f"{label} has no valid {name}", "the file is malformed; repair or re-export it")
+    return study, series if is_uid(series) else "", sop_instance, sop_class, syntax, number
+
+
+def read_dicom_info(path: Path, label: str | None = None) -> DicomFile:
+    """Read the identifying UIDs of a Part 10 file; :class:`NotDicomError` if it is none."""
+    study, series, sop_instance, sop_class, syntax, number = _identifiers(path, label or str(path))
     return DicomFile(
         path=path,
         size=path.stat().st_size,
         study_uid=study,
-        series_uid=series if is_uid(series) else "",
+        series_uid=series,
         sop_instance_uid=sop_instance,
         sop_class_uid=sop_class,
         transfer_syntax_uid=syntax,
         instance_number=number,
     )
+
+
+def check_dicom_data(data: bytes, label: str) -> tuple[str, str]:
+    """(SOP Instance UID, Study Instance UID) of Part 10 bytes that :func:`read_dicom_info` will accept.
+
+    The same checks as :func:`read_dicom_info`, so an object accepted now can be packed later;
+    :class:`NotDicomError` otherwise.
+    """
+    study, _series, sop_instance, _class, _syntax, _number = _identifiers(io.BytesIO(data), label)
+    return sop_instance, study
 
 
 @dataclass

@@ -9,7 +9,6 @@ nothing is decoded beyond the identifiers, nothing is recompressed.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import logging
 import sqlite3
@@ -18,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import pydicom
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -26,6 +24,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicommail.config import GatewayConfig, RouteConfig
+from dicommail.dicom import check_dicom_data
 from dicommail.errors import DicommailError, InputError
 from dicommail.gateway.ingest import Ingest, Instance, StudyTracker
 
@@ -189,7 +188,11 @@ class StoreService:
             data = event.encoded_dataset(include_meta=True)
             syntax = str(event.context.transfer_syntax)
             study_uid = _study_uid(data, sop_uid)
-        except (InputError, ValueError, AttributeError, EOFError, KeyError, TypeError) as exc:
+        except InputError as exc:
+            # Also what packing would find later (read_dicom_info's checks): refuse it now, not retry forever.
+            log.warning("refused instance %s: %s", sop_uid, exc.message)
+            return CANNOT_UNDERSTAND
+        except (ValueError, AttributeError, EOFError, KeyError, TypeError) as exc:
             log.warning("refused instance %s: cannot read its identifiers (%s)", sop_uid, type(exc).__name__)
             return CANNOT_UNDERSTAND
         item = Instance(
@@ -221,11 +224,12 @@ class StoreService:
 
 
 def _study_uid(data: bytes, sop_uid: str) -> str:
-    """The Study Instance UID of a received Part 10 object; its SOP Instance UID must match the request's."""
-    dataset = pydicom.dcmread(
-        io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPInstanceUID"]
-    )
-    found = str(dataset.get("SOPInstanceUID", ""))
+    """The Study Instance UID of a received Part 10 object; its SOP Instance UID must match the request's.
+
+    The object passes the checks packing applies (:func:`~dicommail.dicom.read_dicom_info`), or an
+    :class:`~dicommail.errors.InputError` says why not.
+    """
+    found, study_uid = check_dicom_data(data, f"instance {sop_uid}")
     if found != sop_uid:
         raise InputError("the data set's SOP Instance UID differs from the C-STORE request's")
-    return str(dataset.get("StudyInstanceUID", ""))
+    return study_uid

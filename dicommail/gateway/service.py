@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import shutil
 import signal
@@ -60,6 +61,13 @@ log = logging.getLogger("dicommail.gateway")
 TICK = 0.5
 #: On SIGTERM, associations in progress get this long to finish before they are aborted.
 SHUTDOWN_GRACE = 10.0
+#: A study whose packing failed this many times in a row is marked failed instead of retried.
+MAX_PACK_ATTEMPTS = 5
+
+
+def recipient_key(recipient: str) -> str:
+    """A short, stable, file-name-safe key of a recipient's address (case-insensitive)."""
+    return hashlib.sha256(recipient.strip().lower().encode("utf-8")).hexdigest()[:16]
 
 
 class _OutboxLock:
@@ -131,6 +139,7 @@ class Gateway:
         self._ready: list[int] = []  # studies to pack, oldest first
         self._jobs: dict[int, asyncio.Task[None]] = {}
         self._not_before: dict[int, float] = {}  # study -> when a failed packing may be tried again
+        self._pack_failures: dict[int, int] = {}  # study -> packing attempts that failed in a row
         self._sending: set[int] = set()  # transfers a task is sending right now
         self._outbox_lock = _OutboxLock(config.spool / "outbox")
         self._retry_task: asyncio.Task[None] | None = None
@@ -154,13 +163,22 @@ class Gateway:
         log.info("gateway %s listening on %s:%d; routes: %s", gw.aet, gw.host, gw.port, ", ".join(self.config.routes))
         try:
             while not self.stop.is_set():
-                self._complete_idle_studies()
-                self._start_jobs()
-                self._start_retry()
+                self._tick()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), timeout=TICK)
         finally:
             await self._shutdown()
+
+    def _tick(self) -> None:
+        """One round of the loop's work; an error in it (a locked database, a full disk) is logged, not fatal."""
+        for step in (self._complete_idle_studies, self._start_jobs, self._start_retry):
+            try:
+                step()
+            except (sqlite3.Error, OSError, DicommailError) as exc:
+                detail = exc.message if isinstance(exc, DicommailError) else f"{type(exc).__name__}: {exc}"
+                log.error("gateway loop: %s failed: %s; trying again", step.__name__.lstrip("_"), detail)
+            except Exception:
+                log.exception("gateway loop: %s failed unexpectedly; trying again", step.__name__.lstrip("_"))
 
     async def _shutdown(self) -> None:
         log.info("stopping: no new associations; finishing the current steps")
@@ -255,25 +273,45 @@ class Gateway:
     async def _study_job(self, study_id: int) -> None:
         try:
             transfer_ids = await asyncio.to_thread(self._pack_study, study_id)
-        except (DicommailError, OSError, sqlite3.Error) as exc:
+        except Exception as exc:
+            known = isinstance(exc, (DicommailError, OSError, sqlite3.Error))
             message = exc.message if isinstance(exc, DicommailError) else f"{type(exc).__name__}: {exc}"
             hint = exc.hint if isinstance(exc, DicommailError) else "check the spool's disk"
+            # The spool's disk or database failing is this site's trouble, tried again until it is fixed;
+            # anything else (an object that cannot be packed, a key gpg refuses) has a bounded number of tries.
+            transient = isinstance(exc, (OSError, sqlite3.Error))
+            failures = self._pack_failures.get(study_id, 0) + (0 if transient else 1)
+            self._pack_failures[study_id] = failures
+            if failures >= MAX_PACK_ATTEMPTS:
+                log.error("study %d: packing failed %d times, giving up: %s (%s); the study is marked failed",
+                          study_id, failures, message, hint, exc_info=not known)
+                if self._pack_failed(study_id, FAILED, f"packing failed {failures} times: {message}"):
+                    self._pack_failures.pop(study_id, None)
+                    self._not_before.pop(study_id, None)
+                    return
             retry = float(self.config.gateway.send_interval)
-            log.error("study %d: packing failed: %s (%s); trying again in %.0f s", study_id, message, hint, retry)
-            with contextlib.suppress(sqlite3.Error, DicommailError), self.db.transaction() as conn:
-                conn.execute("UPDATE gateway_studies SET status = ?, error = ?, updated_at = ? WHERE id = ?",
-                             (COMPLETE, message, time.time(), study_id))
+            log.error("study %d: packing failed (%d of %d failures allowed): %s (%s); trying again in %.0f s",
+                      study_id, failures, MAX_PACK_ATTEMPTS, message, hint, retry, exc_info=not known)
+            self._pack_failed(study_id, COMPLETE, message)
             self._not_before[study_id] = time.monotonic() + retry
             self._ready.append(study_id)
             return
-        except Exception:
-            log.exception("study %d: packing failed unexpectedly", study_id)
-            self._not_before[study_id] = time.monotonic() + float(self.config.gateway.send_interval)
-            self._ready.append(study_id)
-            return
+        self._pack_failures.pop(study_id, None)
+        self._not_before.pop(study_id, None)
         if self.stop.is_set():
             return  # queued: sent after the restart
         await self._send(transfer_ids)
+
+    def _pack_failed(self, study_id: int, status: str, message: str) -> bool:
+        """Record a failed packing; False if even that failed (the database is locked, say)."""
+        try:
+            with self.db.transaction() as conn:
+                conn.execute("UPDATE gateway_studies SET status = ?, error = ?, updated_at = ? WHERE id = ?",
+                             (status, message, time.time(), study_id))
+        except (sqlite3.Error, DicommailError) as exc:
+            log.error("study %d: cannot record the failed packing: %s", study_id, exc)
+            return False
+        return True
 
     def _pack_study(self, study_id: int) -> list[int]:
         """Pack and queue the study for each recipient not yet queued; return all its transfer ids."""
@@ -300,7 +338,8 @@ class Gateway:
                 )
                 # A directory per study and recipient: what an interrupted packing left there is
                 # never queued, so it is removed before packing again.
-                out_dir = self.config.spool / "outbox" / f"gateway-{study_id:08d}-{route.recipients.index(recipient)}"
+                # Named by the recipient, not its place in the route: reordered recipients keep their folders.
+                out_dir = self.config.spool / "outbox" / f"gateway-{study_id:08d}-{recipient_key(recipient)}"
                 shutil.rmtree(out_dir, ignore_errors=True)
                 packed = Packer(self.keyring, options).pack(files, out_dir)
                 self._crash_hook("gateway-after-pack")

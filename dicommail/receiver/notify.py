@@ -145,6 +145,11 @@ class Notifier:
         row = conn.execute("SELECT sender FROM inbound_sets WHERE set_id = ?", (set_id,)).fetchone()
         return address_of(row[0] or "") or None if row is not None else None
 
+    @staticmethod
+    def _part_verified(conn: sqlite3.Connection, set_id: str, set_part: int) -> bool:
+        return conn.execute("SELECT 1 FROM inbound_parts WHERE set_id = ? AND set_part = ?",
+                            (set_id, set_part)).fetchone() is not None
+
     def on_part_verified(self, conn: sqlite3.Connection, part: ReceivedPart) -> None:
         """A set part passed decryption and the trust rule: acknowledge it, release held errors."""
         recipient = address_of(part.signer.user_id)
@@ -167,6 +172,11 @@ class Notifier:
             "SELECT * FROM notifications WHERE set_id = ? AND status = ?", (part.set_id, HELD)
         ).fetchall()
         for row in held:
+            if row["scope"] == n.PART and row["set_part"] is not None and self._part_verified(
+                    conn, part.set_id, row["set_part"]):
+                # A good copy of that part arrived meanwhile: the error (perhaps about a forgery) is moot.
+                conn.execute("UPDATE notifications SET status = ? WHERE id = ?", (SUPERSEDED, row["id"]))
+                continue
             conn.execute("DELETE FROM notifications WHERE id = ?", (row["id"],))
             report_row = n.StatusReport.from_json(row["report"].encode())
             self._record(conn, row["event"], report_row, recipient=recipient,
@@ -189,12 +199,18 @@ class Notifier:
         set_total = total_row[0] if total_row is not None else None
         if set_total is not None and not 1 <= set_part <= set_total:
             return
+        if self._part_verified(conn, set_id, set_part):
+            log.info("mail %s failed, but part %d of set %s was verified already: nothing is reported back",
+                     first["id"], set_part, set_id)
+            return
         report = n.StatusReport(
             scope=n.PART, set_id=set_id, set_part=set_part, set_total=set_total, status="failed",
             outcome=n.ERROR, reason=reason_code(error), reported_at=iso(self.now()),
         )
         recipient = self._signer_address(conn, set_id)
-        self._record(conn, f"{set_id}/mail/{first['id']}/failed", report, recipient=recipient,
+        # The set and part of a mail that failed come from headers nobody vouches for: one error report per
+        # set part at most (the event key), so a flood of forged mails cannot use up the sender's resends.
+        self._record(conn, f"{set_id}/part/{set_part}/failed", report, recipient=recipient,
                      original_message_id=first["message_id"] or "")
         if recipient is None:
             log.info("set %s part %d failed (%s); the error is held until a part of the set is verified",
@@ -318,7 +334,7 @@ class Notifier:
                         if exc.temporary:
                             return sent  # the connection is probably gone: next cycle
                         continue
-                    self._mark_sent(row)
+                    self._mark_sent(row, path)
                     sent += 1
         except TransportError as exc:
             log.error("sending notifications failed: %s; retried in the next cycle", exc.message)
@@ -354,15 +370,15 @@ class Notifier:
             conn.execute("UPDATE notifications SET path = ? WHERE id = ?", (str(path), row["id"]))
         return path
 
-    def _mark_sent(self, row: sqlite3.Row) -> None:
+    def _mark_sent(self, row: sqlite3.Row, path: Path) -> None:
+        """``path``: the mail as :meth:`_built` made it (``row`` was read before it was built)."""
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE notifications SET status = ?, sent_at = ?, attempts = attempts + 1, last_error = NULL "
                 "WHERE id = ?",
                 (SENT, self.now(), row["id"]),
             )
-        if row["path"]:
-            Path(row["path"]).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         log.info("set %s: %s notification (%s%s) sent to the sender by %s", row["set_id"], row["outcome"],
                  row["scope"], f" {row['set_part']}" if row["set_part"] else "", row["method"])
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
@@ -108,6 +109,9 @@ class Pipeline:
             except OSError as exc:
                 log.error("%s stopped: %s (%s); it is retried in the next cycle", stage.__name__,
                           exc.strerror or exc, exc.filename or "-")
+                return
+            except sqlite3.Error as exc:
+                log.error("%s stopped: state database error %s; it is retried in the next cycle", stage.__name__, exc)
                 return
 
     # -- stored mails -> parts -----------------------------------------------------

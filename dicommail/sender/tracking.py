@@ -282,12 +282,16 @@ class Tracker:
         acked = {r[0] for r in conn.execute(
             "SELECT DISTINCT set_part FROM acknowledgements WHERE transfer_id = ? AND accepted = 1 AND scope = ? "
             "AND outcome IN (?, ?)", (transfer_id, n.PART, n.SUCCESS, n.WARNING))}
+        # The receiver acknowledged these parts as verified: an error naming them now (a forged mail's
+        # headers can name any part) is no reason to send them again, let alone to use up the resends.
+        settled = [p for p in parts if p in acked]
+        parts = [p for p in parts if p not in acked]
+        if not parts:
+            return f"part(s) {_numbers(settled)} were acknowledged already; nothing to resend"
         mails = [m for m in conn.execute("SELECT * FROM outbound_mails WHERE transfer_id = ?", (transfer_id,))
                  if m["set_part"] in parts]
         if all(m["status"] == QUEUED for m in mails) and mails:
             return f"part(s) {_numbers(parts)} are already queued for resending"
-        if parts and all(p in acked for p in parts) and transfer["status"] != FAILED:
-            return f"part(s) {_numbers(parts)} were acknowledged meanwhile; nothing to resend"
         limit = self.config.tracking.resend_limit
         if tracking["resends"] >= limit:
             return self._fail(conn, transfer_id, reason,

@@ -318,3 +318,29 @@ def test_check_reports_every_problem(gateway: Gateway, tmp_path: Path) -> None:
     assert failed == {"key of nobody@example.org", "SMTP login", "IMAP login"}
     table = gateway.home.run("check")
     assert table.returncode == 1 and "FAILED" in table.stdout
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_odd_instance_numbers_are_stored_and_sent(gateway: Gateway) -> None:
+    # "abc" and "2\3" used to stop packing for good (and the PACS had been told "success").
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    study_uid = generate_uid()
+    datasets = [_tiny(study_uid, n) for n in range(1, 4)]
+    for ds, raw in zip(datasets, (b"abc ", b"2\\3 "), strict=False):
+        ds._dict[Tag(0x00200013)] = RawDataElement(Tag(0x00200013), "IS", len(raw), raw, 0, False, True)
+    assoc = _associate(gateway.port, [(CT, ExplicitVRLittleEndian)])
+    assert _push(assoc, datasets) == [0, 0, 0]
+    assoc.release()
+    [row] = _wait_sent(gateway, 1)
+    assert row["instances"] == 3
+
+
+def test_objects_packing_could_not_read_are_refused(gateway: Gateway) -> None:
+    ds = _tiny(generate_uid(), 1)
+    del ds.StudyInstanceUID
+    assoc = _associate(gateway.port, [(CT, ExplicitVRLittleEndian)])
+    assert _push(assoc, [ds]) == [0xC000]
+    assoc.release()
+    assert _studies(gateway.home) == []

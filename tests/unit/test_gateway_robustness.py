@@ -1,0 +1,141 @@
+"""Gateway robustness: tolerant Instance Numbers, ingest checks as strict as packing, a bounded packing retry,
+a loop that survives a locked database, and per-recipient outbox folders that do not depend on route order."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicommail.config import parse_config
+from dicommail.dicom import check_dicom_data, instance_number, read_dicom_info
+from dicommail.errors import InputError, NotDicomError
+from dicommail.gateway import service
+from dicommail.gateway.ingest import COMPLETE, FAILED
+from dicommail.gateway.scp import _study_uid
+from dicommail.store.db import Database
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _part10(instance_number_raw: bytes | None = None, *, study: bool = True) -> tuple[str, bytes]:
+    """(SOP Instance UID, Part 10 bytes), the Instance Number written as raw bytes (whatever they are)."""
+    uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = uid
+    if study:
+        ds.StudyInstanceUID = generate_uid()
+    if instance_number_raw is not None:
+        raw = instance_number_raw + (b" " if len(instance_number_raw) % 2 else b"")
+        tag = Tag(0x00200013)
+        ds._dict[tag] = RawDataElement(tag, "IS", len(raw), raw, 0, False, True)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return uid, buffer.getvalue()
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, 0), ("", 0), ("7", 7), (" 7 ", 7), ("abc", 0), ("2\\3", 2), ("x\\4", 0), ("1.5", 1), ("nan", 0),
+    ("inf", 0), (["4", "5"], 4), ([], 0), (12, 12),
+])
+def test_instance_number_is_tolerant(value: object, expected: int) -> None:
+    assert instance_number(value) == expected
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("raw", "expected"), [(b"abc", 0), (b"2\\3", 2), (b"", 0), (b"x\\4", 0), (b"9", 9)])
+def test_odd_instance_numbers_are_readable_and_accepted_at_ingest(tmp_path: Path, raw: bytes,
+                                                                  expected: int) -> None:
+    uid, data = _part10(raw)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(data)
+    assert read_dicom_info(path).instance_number == expected
+    assert check_dicom_data(data, "x")[0] == uid
+    assert _study_uid(data, uid)
+
+
+def test_ingest_refuses_what_packing_could_not_read() -> None:
+    uid, data = _part10(study=False)
+    with pytest.raises(NotDicomError, match="Study Instance UID"):
+        _study_uid(data, uid)
+    with pytest.raises(InputError):
+        _study_uid(b"not dicom at all" * 20, uid)
+    _other, data = _part10()
+    with pytest.raises(InputError, match="differs"):
+        _study_uid(data, uid)
+
+
+def test_recipient_folder_key_is_stable_and_case_insensitive() -> None:
+    assert service.recipient_key("Dr@Practice.Test") == service.recipient_key(" dr@practice.test")
+    assert service.recipient_key("a@b.test") != service.recipient_key("c@b.test")
+    assert service.recipient_key("a@b.test").isalnum()
+
+
+def _gateway(tmp_path: Path) -> tuple[service.Gateway, Database]:
+    config = parse_config({"identity": {"address": "hospital@hospital.test"},
+                           "routes": {"DR": {"recipients": ["dr@practice.test"]}}}, tmp_path)
+    db = Database(tmp_path / "state.db")
+    gateway = service.Gateway(config, db, keyring=None, client_factory=lambda: None)  # type: ignore[arg-type]
+    return gateway, db
+
+
+def test_packing_failures_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway, db = _gateway(tmp_path)
+    now = time.time()
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
+                     " first_received_at, last_received_at, updated_at) VALUES (1, 'DR', '1.2.3', ?, 1, 'PACS',"
+                     " '127.0.0.1', ?, ?, ?)", (COMPLETE, now, now, now))
+    attempts = []
+
+    def broken(study_id: int) -> list[int]:
+        attempts.append(study_id)
+        raise NotDicomError("instance 1.2.3.4 is not a readable DICOM file (ValueError)")
+
+    monkeypatch.setattr(gateway, "_pack_study", broken)
+
+    def status() -> tuple[str, str]:
+        row = db.query("SELECT status, error FROM gateway_studies WHERE id = 1")[0]
+        return row["status"], row["error"]
+
+    for attempt in range(1, service.MAX_PACK_ATTEMPTS):
+        asyncio.run(gateway._study_job(1))
+        assert status()[0] == COMPLETE and gateway._ready == [1], attempt
+        gateway._ready.clear()
+    asyncio.run(gateway._study_job(1))
+    state, error = status()
+    assert state == FAILED and "not a readable DICOM file" in error
+    assert gateway._ready == [] and len(attempts) == service.MAX_PACK_ATTEMPTS
+
+
+def test_a_locked_database_does_not_end_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway, _db = _gateway(tmp_path)
+    calls = []
+
+    def locked() -> None:
+        calls.append("complete")
+        raise sqlite3.OperationalError("database is locked")
+
+    def disk() -> None:
+        calls.append("retry")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gateway, "_complete_idle_studies", locked)
+    monkeypatch.setattr(gateway, "_start_jobs", lambda: calls.append("jobs"))
+    monkeypatch.setattr(gateway, "_start_retry", disk)
+    gateway._tick()
+    gateway._tick()
+    assert calls == ["complete", "jobs", "retry"] * 2
