@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import click
 
@@ -17,6 +14,7 @@ from dicommail.cli.render import handle_errors, setup_logging
 from dicommail.crypto.gpg import Keyring
 from dicommail.errors import DicommailError
 from dicommail.store.db import Database
+from dicommail.store.files import pid_lock
 
 
 class GatewayLockedError(DicommailError):
@@ -26,22 +24,12 @@ class GatewayLockedError(DicommailError):
 @contextlib.contextmanager
 def gateway_lock(home: Path) -> Iterator[None]:
     """Hold ``<home>/gateway.lock``, or fail at once if another gateway runs for this home."""
-    home.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = (home / "gateway.lock").open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
+    with pid_lock(home / "gateway.lock") as locked:
+        if not locked:
             raise GatewayLockedError(
                 f"another dicommail gateway is running for {home}", "run one gateway per home; stop the other one"
-            ) from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+            )
         yield
-    finally:
-        handle.close()
 
 
 @click.command()

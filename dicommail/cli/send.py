@@ -13,8 +13,9 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from dicommail.cli.main import AppContext, pass_app
+from dicommail.cli.options import packing_options
 from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, info, out, print_json, warn
-from dicommail.config import Config, is_mail_address, parse_size
+from dicommail.config import Config, is_mail_address
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import DicomFile, scan
@@ -40,29 +41,10 @@ EXIT_TEMPFAIL = 75
 _PROGRESS_FROM = 20 * 1024**2
 
 
-def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
 @click.command()
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "recipient", default="", help="Recipient's mail address (their key must be certified).")
-@click.option("--from", "sender", default="", help="Sender address (default: identity.address).")
-@click.option("--max-mail-size", callback=_size, help="Largest mail on the wire, e.g. 10M (default from config).")
-@click.option("--note", default="", help="A text note for the recipient (travels encrypted).")
-@click.option(
-    "--attach",
-    "attachments",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A non-DICOM file to send along (e.g. a PDF report); repeatable.",
-)
-@click.option("--emergency", is_flag=True, help="Mark the mails as urgent (priority headers, subject marker).")
+@packing_options
 @click.option(
     "--pending",
     is_flag=True,
@@ -106,8 +88,9 @@ def send(
             sender = sender or config.identity.address or _own_address(config)
         else:
             studies: dict[str, list[DicomFile]] = {}
-            sender, sets = _pack(config, paths, recipient, sender, max_mail_size, note, attachments, emergency, as_json,
-                                 studies)
+            sender, sets = _pack(
+                config, paths, recipient, sender, max_mail_size, note, attachments, emergency, as_json, studies
+            )
             # What each transfer holds (images, patient, study) is remembered locally, for `dicommail status`.
             transfer_ids = [
                 queue_set(db, packed, on_queued=functools.partial(_remember, studies.get(packed.study_uid, [])))

@@ -10,39 +10,22 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from dicommail.cli.main import AppContext, pass_app
+from dicommail.cli.options import packing_options
 from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, out, print_json, warn
-from dicommail.config import format_size, is_mail_address, parse_size
+from dicommail.config import format_size, is_mail_address
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import scan
-from dicommail.errors import ConfigError, InputError
-from dicommail.wire.pack import PackedSet, Packer, PackOptions
+from dicommail.errors import InputError
+from dicommail.sender.packing import pack_options, sender_address
+from dicommail.wire.pack import PackedSet, Packer
 from dicommail.wire.unpack import UnpackReport, unpack_files
-
-
-def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "recipient", required=True, help="Recipient's mail address (their key must be certified).")
-@click.option("--from", "sender", default="", help="Sender address (default: identity.address).")
-@click.option("--max-mail-size", callback=_size, help="Largest mail on the wire, e.g. 10M (default from config).")
-@click.option("--note", default="", help="A text note for the recipient (travels encrypted).")
-@click.option(
-    "--attach",
-    "attachments",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A non-DICOM file to send along (e.g. a PDF report); repeatable.",
-)
-@click.option("--emergency", is_flag=True, help="Mark the mails as urgent (priority headers, subject marker).")
+@packing_options
 @click.option(
     "-o",
     "--output",
@@ -73,27 +56,22 @@ def pack(
     keyring = Keyring(config.gnupg_home)
     try:
         me = own_key(keyring, config.identity.key)
-        sender = sender or config.identity.address or me.email
-        if not is_mail_address(sender):
-            raise ConfigError("no sender address", "set identity.address in dicommail.toml or pass --from")
+        sender = sender_address(config, me, sender)
         result = scan(paths)
         for _path, reason in result.skipped:
             warn(echo_escape(reason) + " - skipped")
         studies = result.studies()
         if not studies:
             raise InputError("no DICOM files found in the given paths", "point pack at DICOM files or folders")
-        options = PackOptions(
-            sender=sender,
-            recipient=recipient,
-            signer=me.fingerprint,
-            max_mail_size=max_mail_size or config.max_mail_size_for(recipient),
-            passphrase=config.passphrase(),
-            compression_level=config.packing.compression_level,
-            uid_root=config.packing.uid_root,
+        options = pack_options(
+            config,
+            me,
+            sender,
+            recipient,
             note=note,
             attachments=attachments,
             emergency=emergency,
-            workers=config.packing.workers,
+            max_mail_size=max_mail_size,
         )
         total = sum(f.size for files in studies.values() for f in files)
         sets: list[PackedSet] = []

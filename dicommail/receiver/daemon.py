@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
@@ -29,6 +28,7 @@ from dicommail.receiver.spool import Spool
 from dicommail.sender.outbox import ClientFactory, MailSender, send_pending, try_sender_lock
 from dicommail.sender.tracking import Tracker
 from dicommail.store.db import Database
+from dicommail.store.files import pid_lock
 
 log = logging.getLogger("dicommail.receiver")
 
@@ -66,23 +66,13 @@ class ReceiverLockedError(DicommailError):
 @contextlib.contextmanager
 def receiver_lock(home: Path) -> Iterator[None]:
     """Hold ``<home>/receiver.lock`` exclusively, or fail at once if another receiver does."""
-    home.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = (home / "receiver.lock").open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
+    with pid_lock(home / "receiver.lock") as locked:
+        if not locked:
             raise ReceiverLockedError(
                 f"another dicommail receiver is running for {home}",
                 "run one receiver per home and mailbox; stop the other one first",
-            ) from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+            )
         yield
-    finally:
-        handle.close()
 
 
 def crash_hook_from_env() -> Callable[[str], None]:
