@@ -68,6 +68,8 @@ class KeyInfo:
     can_encrypt: bool
     can_sign: bool
     subkey_fingerprints: tuple[str, ...] = field(default=())
+    certified_user_ids: tuple[str, ...] = field(default=())
+    """User ids with full or ultimate validity: a uid added after we certified the key is not among them."""
 
     @property
     def certified(self) -> bool:
@@ -170,6 +172,7 @@ class _KeyBuilder:
     validity: str
     capabilities: str
     user_ids: list[str] = field(default_factory=list)
+    certified_user_ids: list[str] = field(default_factory=list)
     subkey_fingerprints: list[str] = field(default_factory=list)
     in_subkey: bool = False
 
@@ -188,6 +191,7 @@ class _KeyBuilder:
             can_encrypt="E" in self.capabilities,
             can_sign="S" in self.capabilities,
             subkey_fingerprints=tuple(self.subkey_fingerprints),
+            certified_user_ids=tuple(self.certified_user_ids),
         )
 
 
@@ -224,6 +228,8 @@ def _parse_listing(result: GpgResult) -> list[KeyInfo]:
         # key is revoked, when every uid shows as revoked).
         elif kind == "uid" and (fields[1] != "r" or current.validity == "revoked"):
             current.user_ids.append(_unescape_colons(fields[9]))
+            if fields[1] in ("f", "u"):
+                current.certified_user_ids.append(_unescape_colons(fields[9]))
     return [b.build() for b in builders if b.fingerprint]
 
 

@@ -162,7 +162,8 @@ class Tracker:
                 key = find_key(self.keyring, received.signer.fingerprint)
             except CryptoError as exc:
                 return f"its signing key cannot be looked up: {exc.message}"
-            if recipient not in _emails_of(key.user_ids):
+            # Only a user id we certified counts: a peer could add any address to its own key.
+            if recipient not in _emails_of(key.certified_user_ids):
                 return (f"signed by key {received.signer.fingerprint}, which does not belong to the transfer's "
                         f"recipient {recipient}")
         else:
