@@ -94,7 +94,9 @@ def generate(
     out.print(f"generated {key.algorithm} key for {echo_escape(key.user_id)}:")
     out.print(f"  {k.format_fingerprint(key.fingerprint)}")
     info(
-        "next: set identity.key = \"" + key.fingerprint + "\" in dicommail.toml"
+        'next: set identity.key = "'
+        + key.fingerprint
+        + '" in dicommail.toml'
         + (" and identity.passphrase_file" if passphrase else "")
         + "; send the public key (dicommail keys export "
         + key.fingerprint
@@ -212,9 +214,7 @@ def certify(app: AppContext, key_id: str, yes: bool) -> None:
             err.print("certify this key?")
             _describe(key)
             _ask("Did you check this fingerprint with the key owner?", yes)
-        change = k.certify(
-            keyring, key.fingerprint, passphrase=app.config.passphrase(), signer=app.config.identity.key
-        )
+        change = k.certify(keyring, key.fingerprint, passphrase=app.config.passphrase(), signer=app.config.identity.key)
     out.print(echo_escape(change.message))
 
 

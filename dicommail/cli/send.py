@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.options import packing_options
+from dicommail.cli.packing import byte_progress, find_studies, pack_studies, packing_options
 from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, info, out, print_json, warn
 from dicommail.config import Config, is_mail_address
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import DicomFile, scan
+from dicommail.dicom import DicomFile
 from dicommail.errors import ConfigError, DicommailError, InputError
 from dicommail.sender.outbox import (
     OutboundMail,
@@ -33,12 +32,10 @@ from dicommail.sender.packing import pack_options, sender_address
 from dicommail.sender.tracking import record_study_details
 from dicommail.store.db import Database
 from dicommail.transport.smtp import SmtpClient
-from dicommail.wire.pack import PackedSet, Packer
+from dicommail.wire.pack import PackedSet
 
 #: sysexits.h EX_TEMPFAIL: the study is queued and will be retried; cron and scripts know this code.
 EXIT_TEMPFAIL = 75
-#: Show a progress bar only for sends that take a while.
-_PROGRESS_FROM = 20 * 1024**2
 
 
 @click.command()
@@ -152,12 +149,7 @@ def _pack(
     try:
         me = own_key(keyring, config.identity.key)
         sender = sender_address(config, me, sender)
-        result = scan(paths)
-        for _path, reason in result.skipped:
-            warn(echo_escape(reason) + " - skipped")
-        studies = result.studies()
-        if not studies:
-            raise InputError("no DICOM files found in the given paths", "point send at DICOM files or folders")
+        studies = find_studies(paths, "send")
         options = pack_options(
             config,
             me,
@@ -170,12 +162,7 @@ def _pack(
         )
         if studies_out is not None:
             studies_out.update(studies)
-        total = sum(f.size for files in studies.values() for f in files)
-        with _progress(as_json, total) as progress:
-            task = progress.add_task("packing", total=total)
-            packer = Packer(keyring, options, progress=lambda n: progress.advance(task, n))
-            for files in studies.values():
-                sets.append(packer.pack(files, config.spool / "outbox"))
+        pack_studies(keyring, options, studies, config.spool / "outbox", sets, quiet=as_json)
     except BaseException:
         # Nothing is queued yet: mails packed so far would only be orphans.
         for packed in sets:
@@ -185,19 +172,6 @@ def _pack(
     finally:
         keyring.close()
     return sender, sets
-
-
-def _progress(as_json: bool, total: int) -> Progress:
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=as_json or total < _PROGRESS_FROM,
-    )
 
 
 def _send(
@@ -216,7 +190,7 @@ def _send(
     queued = sum(row["size"] for row in rows if transfer_ids is None or row["transfer_id"] in transfer_ids)
     with (
         sender_lock(config.spool / "outbox", on_wait=lambda: info("waiting for another dicommail send to finish")),
-        _progress(as_json, queued) as progress,
+        byte_progress(as_json, queued) as progress,
     ):
         task = progress.add_task("sending", total=queued)
         results = asyncio.run(

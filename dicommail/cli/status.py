@@ -64,8 +64,9 @@ def _since(value: str | None) -> float | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_app
 @handle_errors
-def status(app: AppContext, ident: str | None, filters: str | None, since: str | None, show_patient: bool,
-           as_json: bool) -> None:
+def status(
+    app: AppContext, ident: str | None, filters: str | None, since: str | None, show_patient: bool, as_json: bool
+) -> None:
     """Show sent transfers: delivered, failed (and why) or on their way, and how long delivery took.
 
     With IDENT (a set ID or transfer number): that transfer's timeline, mail by mail.
@@ -78,7 +79,10 @@ def status(app: AppContext, ident: str | None, filters: str | None, since: str |
             _show_one(db, ident, show_patient, as_json)
             return
         states = {
-            "active": t.ACTIVE, "waiting": t.WAITING, "done": (t.DELIVERED,), "failed": t.UNSUCCESSFUL,
+            "active": t.ACTIVE,
+            "waiting": t.WAITING,
+            "done": (t.DELIVERED,),
+            "failed": t.UNSUCCESSFUL,
         }.get(filters or "", ())
         views = t.list_transfers(db, states, _since(since))
     finally:
@@ -90,8 +94,18 @@ def status(app: AppContext, ident: str | None, filters: str | None, since: str |
         info("no transfers" + (" match" if filters or since else ""))
         return
     table = Table(show_lines=False, header_style="bold")
-    for column in ("ID", "Set", "Status", "Created", "Recipient", "Parts sent", "Acknowledged", "Images",
-                   "Transfer time", "Error"):
+    for column in (
+        "ID",
+        "Set",
+        "Status",
+        "Created",
+        "Recipient",
+        "Parts sent",
+        "Acknowledged",
+        "Images",
+        "Transfer time",
+        "Error",
+    ):
         table.add_column(column, no_wrap=column in ("Set", "Created"))
     if show_patient:
         table.add_column("Patient")
@@ -121,34 +135,50 @@ def _show_one(db: Database, ident: str, show_patient: bool, as_json: bool) -> No
     events = t.timeline(db, view.id)
     report = t.final_report(db, view.id)
     if as_json:
-        print_json({
-            "ok": True,
-            "transfer": view.to_json(show_patient),
-            "final_report": report,
-            "timeline": [{"at": e.at, "event": e.event, "set_part": e.set_part, "detail": e.detail} for e in events],
-        })
+        print_json(
+            {
+                "ok": True,
+                "transfer": view.to_json(show_patient),
+                "final_report": report,
+                "timeline": [
+                    {"at": e.at, "event": e.event, "set_part": e.set_part, "detail": e.detail} for e in events
+                ],
+            }
+        )
         return
     style = _STYLE.get(view.status, "")
-    out.print(f"[bold]set {view.set_id}[/bold] (transfer {view.id}) to {echo_escape(view.recipient)}: "
-              + (f"[{style}]{view.status}[/{style}]" if style else view.status))
-    out.print(f"  {view.set_total} part(s), {view.mails} mail(s), {view.files} file(s), {format_size(view.bytes)}"
-              + (f", {view.images} image(s)" if view.images is not None else ""))
+    out.print(
+        f"[bold]set {view.set_id}[/bold] (transfer {view.id}) to {echo_escape(view.recipient)}: "
+        + (f"[{style}]{view.status}[/{style}]" if style else view.status)
+    )
+    out.print(
+        f"  {view.set_total} part(s), {view.mails} mail(s), {view.files} file(s), {format_size(view.bytes)}"
+        + (f", {view.images} image(s)" if view.images is not None else "")
+    )
     if show_patient:
-        out.print(f"  patient: {echo_escape(view.patient_name or '-')}; "
-                  f"study: {echo_escape(view.study_description or '-')}")
-    out.print(f"  created {_when(view.created_at)}; first mail sent {_when(view.first_sent_at)}; "
-              f"parts acknowledged {view.parts_acknowledged}/{view.set_total}")
+        out.print(
+            f"  patient: {echo_escape(view.patient_name or '-')}; study: {echo_escape(view.study_description or '-')}"
+        )
+    out.print(
+        f"  created {_when(view.created_at)}; first mail sent {_when(view.first_sent_at)}; "
+        f"parts acknowledged {view.parts_acknowledged}/{view.set_total}"
+    )
     if view.transfer_seconds is not None:
-        out.print(f"  transfer time {_duration(view.transfer_seconds)} (first mail handed to SMTP until the "
-                  "receiver's final notification)")
+        out.print(
+            f"  transfer time {_duration(view.transfer_seconds)} (first mail handed to SMTP until the "
+            "receiver's final notification)"
+        )
     if report is not None:
+
         def field(name: str) -> str:
             value = report.get(name) if report is not None else None
             return "-" if value is None else str(value)
 
-        out.print(f"  receiver: {field('files')} file(s), {field('dicom_instances')} DICOM instance(s) forwarded; "
-                  f"first part received {field('first_received_at')}, verified {field('verified_at')}, "
-                  f"forwarded {field('forwarded_at')}")
+        out.print(
+            f"  receiver: {field('files')} file(s), {field('dicom_instances')} DICOM instance(s) forwarded; "
+            f"first part received {field('first_received_at')}, verified {field('verified_at')}, "
+            f"forwarded {field('forwarded_at')}"
+        )
     if view.error:
         out.print(f"  [red]error:[/red] {echo_escape(view.error)}")
     table = Table(header_style="bold")
@@ -179,13 +209,16 @@ def retry(app: AppContext, ident: str, yes: bool) -> None:
     db = Database(app.config.state_db)
     try:
         view = t.get_transfer(db, ident)
-        _confirmed(f"Send the unacknowledged parts of set {view.set_id} ({view.status}) to {view.recipient} again?",
-                   yes)
+        _confirmed(
+            f"Send the unacknowledged parts of set {view.set_id} ({view.status}) to {view.recipient} again?", yes
+        )
         count = t.retry_transfer(db, view.id)
     finally:
         db.close()
-    info(f"{count} mail(s) of set {view.set_id} queued again; they go out with `dicommail send --pending` "
-         "or the running `dicommail receive`")
+    info(
+        f"{count} mail(s) of set {view.set_id} queued again; they go out with `dicommail send --pending` "
+        "or the running `dicommail receive`"
+    )
 
 
 @transfers.command()
@@ -198,8 +231,11 @@ def cancel(app: AppContext, ident: str, yes: bool) -> None:
     db = Database(app.config.state_db)
     try:
         view = t.get_transfer(db, ident)
-        _confirmed(f"Cancel set {view.set_id} ({view.status}, {view.parts_sent}/{view.set_total} part(s) sent) "
-                   f"to {view.recipient}?", yes)
+        _confirmed(
+            f"Cancel set {view.set_id} ({view.status}, {view.parts_sent}/{view.set_total} part(s) sent) "
+            f"to {view.recipient}?",
+            yes,
+        )
         t.cancel_transfer(db, view.id)
     finally:
         db.close()

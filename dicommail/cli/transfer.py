@@ -6,19 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.options import packing_options
+from dicommail.cli.packing import find_studies, pack_studies, packing_options
 from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, out, print_json, warn
 from dicommail.config import format_size, is_mail_address
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import scan
 from dicommail.errors import InputError
 from dicommail.sender.packing import pack_options, sender_address
-from dicommail.wire.pack import PackedSet, Packer
+from dicommail.wire.pack import PackedSet
 from dicommail.wire.unpack import UnpackReport, unpack_files
 
 
@@ -57,12 +55,7 @@ def pack(
     try:
         me = own_key(keyring, config.identity.key)
         sender = sender_address(config, me, sender)
-        result = scan(paths)
-        for _path, reason in result.skipped:
-            warn(echo_escape(reason) + " - skipped")
-        studies = result.studies()
-        if not studies:
-            raise InputError("no DICOM files found in the given paths", "point pack at DICOM files or folders")
+        studies = find_studies(paths, "pack")
         options = pack_options(
             config,
             me,
@@ -73,22 +66,8 @@ def pack(
             emergency=emergency,
             max_mail_size=max_mail_size,
         )
-        total = sum(f.size for files in studies.values() for f in files)
         sets: list[PackedSet] = []
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-            disable=as_json or total < 20 * 1024**2,
-        ) as progress:
-            task = progress.add_task("packing", total=total)
-            packer = Packer(keyring, options, progress=lambda n: progress.advance(task, n))
-            for files in studies.values():
-                sets.append(packer.pack(files, out_dir))
+        pack_studies(keyring, options, studies, out_dir, sets, quiet=as_json)
     finally:
         keyring.close()
     if as_json:
