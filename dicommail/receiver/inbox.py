@@ -140,7 +140,3 @@ def pending_server_actions(db: Database, account: str) -> list[InboundMail]:
         "SELECT * FROM inbound_mails WHERE account = ? AND server_done = 0 ORDER BY id", (account,)
     )
     return [_row(r) for r in rows]
-
-
-def is_other_mail(mail: InboundMail) -> bool:
-    return mail.kind == OTHER

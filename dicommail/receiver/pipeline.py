@@ -375,8 +375,6 @@ class Pipeline:
             asked = self.notifier.on_parts_missing(conn, set_id, missing)
         return not asked
 
-    def status(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.query("SELECT * FROM inbound_sets ORDER BY first_seen_at")]
 
 
 # -- part.json: a decoded part survives restarts ---------------------------------------------
