@@ -148,13 +148,20 @@ def list_(app: AppContext, secret: bool, as_json: bool) -> None:
 
 @keys.command(name="import")
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, allow_dash=True, path_type=Path))
+@click.option(
+    "--secret", is_flag=True, help="Also import secret keys (only to restore this site's own key from a backup)."
+)
 @pass_app
 @handle_errors
-def import_(app: AppContext, file: Path) -> None:
+def import_(app: AppContext, file: Path, secret: bool) -> None:
     """Import keys from FILE (armored or binary; - reads stdin)."""
     data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     with _keyring(app) as keyring:
-        imported = k.import_keys(keyring, data)
+        try:
+            imported = k.import_keys(keyring, data, allow_secret=secret)
+        except InputError as exc:
+            source = "standard input" if str(file) == "-" else str(file)
+            raise InputError(f"{source}: {exc.message}", exc.hint) from exc
     for key in imported:
         kind = "secret key" if key.has_secret else "key"
         out.print(f"imported {kind} {echo_escape(key.user_id)} ({key.validity}):")
@@ -162,7 +169,10 @@ def import_(app: AppContext, file: Path) -> None:
         if key.certified or key.validity in ("revoked", "expired"):
             continue
         if key.has_secret:
-            info(f"to use it as this site's own key, run: dicommail keys certify {key.fingerprint}")
+            info(
+                f'if this is this site\'s own key: set identity.key = "{key.fingerprint}" in dicommail.toml '
+                f"and run: dicommail keys certify {key.fingerprint}"
+            )
         else:
             info(
                 "not trusted yet: check this fingerprint with the key owner by phone, then run: "
@@ -233,7 +243,7 @@ def revoke(app: AppContext, key_id: str, yes: bool) -> None:
         else:
             question = "Withdraw this site's certification (mail signed with this key will be refused)?"
         _ask(question, yes)
-        change = k.revoke(keyring, key.fingerprint, passphrase=app.config.passphrase())
+        change = k.revoke(keyring, key.fingerprint, passphrase=app.config.passphrase(), own=app.config.identity.key)
     out.print(echo_escape(change.message))
     if key.has_secret and change.changed:
         info(f"next: dicommail keys export {key.fingerprint} -o revoked.pub.asc and send it to every peer")

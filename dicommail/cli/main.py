@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from dicommail import __version__
 from dicommail.cli.render import handle_errors, info
 from dicommail.config import CONFIG_NAME, Config, default_home, load_config, render_template
 from dicommail.errors import ConfigError
+from dicommail.store.files import PRIVATE_UMASK, make_home_private, make_private
 
 
 class AppContext:
@@ -23,6 +25,9 @@ class AppContext:
     def config(self) -> Config:
         if self._config is None:
             self._config = load_config(self.home)
+            # Before any command reads or writes it: a home that was made
+            # with a 0755 umask (or by hand) must not stay readable by others.
+            make_home_private(self._config)
         return self._config
 
 
@@ -40,6 +45,10 @@ pass_app = click.make_pass_decorator(AppContext)
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:
     """Send and receive DICOM studies as signed, encrypted e-mail (DRG/@GIT DICOM-E-Mail)."""
+    # Whatever dicommail creates (spool, state, decoded parts, keys) is for
+    # this user only.  Restored when the command ends, for callers in-process.
+    previous = os.umask(PRIVATE_UMASK)
+    ctx.call_on_close(lambda: os.umask(previous))
     ctx.obj = AppContext((home or default_home()).expanduser().absolute())
 
 
@@ -54,6 +63,7 @@ def init(app: AppContext, address: str, force: bool) -> None:
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists", "edit it, or use --force to overwrite it with defaults")
     app.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(app.home)  # it may have existed already, e.g. made 0755 by hand
     text = render_template(address)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")

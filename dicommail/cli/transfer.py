@@ -193,7 +193,9 @@ def _print_report(report: UnpackReport) -> None:
         out.print(table)
     for s in report.sets:
         for warning in s.warnings:
-            warn(f"{s.set_id}: {echo_escape(warning)}")
+            # Warnings name positions in the set ("set X part 2 file 3"), never a file name from the mail.
+            text = warning if warning.startswith(f"set {s.set_id} ") else f"set {s.set_id}: {warning}"
+            warn(echo_escape(text))
         if s.error is not None:
             err.print(f"[bold red]error:[/bold red] {echo_escape(s.error.message)}")
             if s.error.hint:

@@ -39,9 +39,9 @@ def install_demo_site(keyring: Keyring, site: Site, keys_dir: Path | None = None
             f"demo key file missing: {exc.filename}",
             "the demo keys live in keys/ of the dicommail source tree",
         ) from exc
-    (own,) = (k for k in import_keys(keyring, own_data) if k.has_secret)
+    (own,) = (k for k in import_keys(keyring, own_data, allow_secret=True) if k.has_secret)
     # An imported secret key gets no ownertrust; certifying our own key sets it.
-    own = certify(keyring, own.fingerprint).key
+    own = certify(keyring, own.fingerprint, signer=own.fingerprint).key
     (peer_key,) = import_keys(keyring, peer_data)
     peer_key = certify(keyring, peer_key.fingerprint, signer=own.fingerprint).key
     return own, peer_key

@@ -376,10 +376,43 @@ def generate(
 # -- import / export -------------------------------------------------------------
 
 
-def import_keys(keyring: Keyring, data: bytes) -> list[KeyInfo]:
-    """Import public and/or secret keys; returns the keys imported or updated."""
+def _secret_keys_in(keyring: Keyring, data: bytes) -> list[str]:
+    """Primary fingerprints of the keys whose secret parts ``data`` holds; nothing is imported."""
+    shown = keyring.run(["--with-colons", "--fixed-list-mode", "--import", "--import-options", "show-only"], stdin=data)
+    found: list[str] = []
+    primary = ""
+    secret = awaiting_primary = False
+    for line in shown.stdout.decode("latin-1").splitlines():
+        fields = line.split(":")
+        if fields[0] in ("pub", "sec"):
+            primary, secret, awaiting_primary = "", fields[0] == "sec", True
+        elif fields[0] == "ssb":
+            # Secret subkeys alone (gpg --export-secret-subkeys) are secret material too.
+            secret = True
+        elif fields[0] == "fpr" and len(fields) > 9 and awaiting_primary:
+            primary, awaiting_primary = fields[9], False
+        if secret and primary and primary not in found:
+            found.append(primary)
+    return found
+
+
+def import_keys(keyring: Keyring, data: bytes, *, allow_secret: bool = False) -> list[KeyInfo]:
+    """Import public keys (and secret keys only with ``allow_secret``); returns the keys imported or updated.
+
+    A secret key belongs in its owner's keyring only: a peer's key file that
+    holds one is refused unless the caller restores this site's own key on
+    purpose (a backup, the demo keys).  Then nothing is imported at all.
+    """
     if not data.strip():
         raise InputError("the key data is empty", "export the key with `dicommail keys export` and try again")
+    if not allow_secret:
+        secrets = _secret_keys_in(keyring, data)
+        if secrets:
+            raise InputError(
+                f"the key data holds the SECRET key of {', '.join(secrets)}; nothing was imported",
+                "a peer sends only its public key (dicommail keys export FINGERPRINT): ask for that; to restore "
+                "this site's own key from a backup, import it with --secret",
+            )
     result = keyring.run(["--import"], stdin=data)
     fingerprints = list(dict.fromkeys(v.split()[1] for v in result.values("IMPORT_OK") if len(v.split()) > 1))
     if not fingerprints:
@@ -413,8 +446,13 @@ def export_key(keyring: Keyring, key_id: str, secret: bool = False, passphrase: 
 def certify(keyring: Keyring, key_id: str, passphrase: str | None = None, signer: str = "") -> KeyChange:
     """Locally certify a peer's key with this site's key, which makes it trusted.
 
-    Our own key needs no certification (it is ultimately trusted); for a
-    secret key imported from elsewhere this sets ultimate ownertrust instead.
+    Our own key needs no certification (it is ultimately trusted); for our
+    own secret key imported from a backup this sets ultimate ownertrust
+    instead.  "Our own" is ``signer`` (identity.key) or, when none is
+    configured, the only secret key in the keyring (or one that is ultimately
+    trusted already, as gpg makes the keys it generates).  Any other key, even one
+    whose secret part is in the keyring, is certified as a peer's key: with
+    ultimate ownertrust every key it signed would become valid for us too.
     """
     key = find_key(keyring, key_id)
     if key.validity in ("revoked", "expired", "disabled", "invalid"):
@@ -422,14 +460,21 @@ def certify(keyring: Keyring, key_id: str, passphrase: str | None = None, signer
             f"key {key.fingerprint} is {key.validity} and cannot be certified",
             "ask the key owner for their current key",
         )
-    if key.has_secret:
+    if key.has_secret and _is_own_key(keyring, key, signer):
         if key.validity == "ultimate":
             return KeyChange(key, False, f"{key.fingerprint} is this site's own key: already trusted")
-        _set_ultimate(keyring, key.fingerprint)
+        _set_ownertrust(keyring, key.fingerprint, _OWNERTRUST_ULTIMATE)
         key = find_key(keyring, key.fingerprint)
-        return KeyChange(key, True, f"{key.fingerprint} is a secret key of this site: now trusted as our own")
+        return KeyChange(key, True, f"{key.fingerprint} is this site's own key: now trusted as our own")
+    note = ""
+    if key.has_secret:
+        note = " (its secret key is in this keyring too, but it is not this site's key: trusted as a peer's only)"
+        if key.validity == "ultimate":
+            # An older dicommail made any imported secret key ultimately trusted.
+            _set_ownertrust(keyring, key.fingerprint, _OWNERTRUST_UNDEFINED)
+            key = find_key(keyring, key.fingerprint)
     if key.certified:
-        return KeyChange(key, False, f"{key.fingerprint} is already certified")
+        return KeyChange(key, False, f"{key.fingerprint} is already certified{note}")
     me = own_key(keyring, signer)
     result = keyring.run(["--local-user", me.fingerprint, "--quick-lsign-key", key.fingerprint], passphrase=passphrase)
     _raise_passphrase(result, me.fingerprint)
@@ -439,29 +484,54 @@ def certify(keyring: Keyring, key_id: str, passphrase: str | None = None, signer
             f"certifying key {key.fingerprint} failed: {result.log_excerpt() or 'it is still not valid'}",
             "check both keys with `dicommail keys list`",
         )
-    return KeyChange(after, True, f"certified {after.fingerprint} ({after.user_id}) with {me.fingerprint}")
+    return KeyChange(after, True, f"certified {after.fingerprint} ({after.user_id}) with {me.fingerprint}{note}")
 
 
-def _set_ultimate(keyring: Keyring, fingerprint: str) -> None:
-    # Ownertrust value 6 is "ultimate" in gpg's ownertrust export format.
-    result = keyring.run(["--import-ownertrust"], stdin=f"{fingerprint}:6:\n".encode("ascii"))
+def _is_own_key(keyring: Keyring, key: KeyInfo, configured: str) -> bool:
+    """Whether ``key`` is this site's key: the configured one; without one, a secret key already
+    ultimately trusted (gpg does that for the keys it generates) or the keyring's only secret key."""
+    if configured:
+        return own_key(keyring, configured).fingerprint == key.fingerprint
+    if key.has_secret and key.validity == "ultimate":
+        return True
+    secrets = list_keys(keyring, secret=True)
+    return [k.fingerprint for k in secrets] == [key.fingerprint]
+
+
+#: Ownertrust values in gpg's --export-ownertrust format.
+_OWNERTRUST_UNDEFINED = 2
+_OWNERTRUST_ULTIMATE = 6
+
+
+def _set_ownertrust(keyring: Keyring, fingerprint: str, value: int) -> None:
+    result = keyring.run(["--import-ownertrust"], stdin=f"{fingerprint}:{value}:\n".encode("ascii"))
     if result.returncode != 0:
+        what = "mark it as this site's own key" if value == _OWNERTRUST_ULTIMATE else "reset its ownertrust"
         raise CryptoError(
-            f"could not mark {fingerprint} as this site's own key: {result.log_excerpt()}",
+            f"could not {what} ({fingerprint}): {result.log_excerpt()}",
             "check the keyring with `dicommail keys list`",
         )
 
 
-def revoke(keyring: Keyring, key_id: str, passphrase: str | None = None) -> KeyChange:
+def revoke(keyring: Keyring, key_id: str, passphrase: str | None = None, own: str = "") -> KeyChange:
     """Revoke our own key, or withdraw our certification of a peer's key.
 
-    For our own key this imports the revocation certificate gpg stored at
+    For our own key (``own``, i.e. identity.key, or else the keyring's only
+    secret key) this imports the revocation certificate gpg stored at
     generation time, so the next ``export_key`` carries the revocation to
     the peers.  For a peer's key the local certification is removed, so the
     key is no longer trusted (it stays in the keyring).
     """
     key = find_key(keyring, key_id)
     if key.has_secret:
+        if not _is_own_key(keyring, key, own):
+            # Revoking would revoke the other party's key itself, for good.
+            raise CryptoError(
+                f"{key.fingerprint} has its secret key in this keyring but is not this site's key "
+                + (f"({own})" if own else "(it is not trusted as our own, and identity.key is not set)"),
+                "set identity.key in dicommail.toml to this site's key; to stop trusting a peer whose secret key "
+                f"you hold, delete it (dicommail keys delete {key.fingerprint} --secret) and import its public key",
+            )
         return _revoke_own(keyring, key, passphrase)
     return _uncertify(keyring, key, passphrase)
 

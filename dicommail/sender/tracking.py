@@ -17,9 +17,11 @@ transfer into ``delivered`` or ``failed``: it is the receiver's word.
 A notification is acted on only if it names a transfer of this site (by set
 ID, checked against Original-Message-ID) and comes from its recipient: a
 PGP/MIME one must be signed by a certified key whose mail address is the
-transfer's recipient; a plain MDN is believed only from a peer configured
-``notification = "rfc"`` or ``"both"``.  Everything else is recorded as
-ignored, with the reason, and changes nothing.
+transfer's recipient in a user id this site certified; a plain MDN is
+believed only from a peer configured ``notification = "rfc"`` (a peer set to
+``"both"`` also sends signed ones, so an unsigned one in its name proves
+nothing).  Everything else is recorded as ignored, with the reason, and
+changes nothing.
 """
 
 from __future__ import annotations
@@ -167,9 +169,13 @@ class Tracker:
                 return (f"signed by key {received.signer.fingerprint}, which does not belong to the transfer's "
                         f"recipient {recipient}")
         else:
-            if self.config.notification_for(recipient) not in ("rfc", "both"):
+            # Only a peer that cannot sign at all ("rfc") may be believed unsigned: with "both"
+            # the signed twin is what counts, and a plain MDN is anyone's forgery.
+            method = self.config.notification_for(recipient)
+            if method != "rfc":
                 return (f"an unsigned notification, but {recipient} is configured for signed ones "
-                        '(set notification = "rfc" or "both" in its [peers] table to accept plain MDNs)')
+                        f'(notification = "{method}"; only a peer set to "rfc" in its [peers] table may send '
+                        "plain MDNs)")
             if received.sender != recipient:
                 return f"an unsigned notification from {received.sender or 'nobody'}, not from {recipient}"
         if note.original_message_id:

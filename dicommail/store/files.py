@@ -1,15 +1,95 @@
-"""Files that are either fully written or not there at all."""
+"""Files that are either fully written or not there at all, and private to this user.
+
+Everything dicommail keeps may hold patient data or keys, so what it
+creates is readable by its own user only, whatever the umask: temporary
+files come from :mod:`tempfile` (0600 files, 0700 directories) and
+:func:`open_private` creates 0600 files.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from dicommail.config import Config
+
+log = logging.getLogger("dicommail.store")
+log.addHandler(logging.NullHandler())
+
+#: The umask the CLI runs with: nothing it creates is readable by others.
+PRIVATE_UMASK = 0o077
+
+
+def make_private(path: Path) -> bool:
+    """Take group and other permissions away from ``path`` if it is ours; return whether it changed.
+
+    A missing path, a symbolic link (it may point anywhere) or a path owned
+    by someone else is left alone: only our own files are ours to fix.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+        return False
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return False
+    path.chmod(mode & ~0o077)
+    return True
+
+
+def make_private_all(paths: Iterable[Path]) -> list[Path]:
+    """:func:`make_private` for each path; returns those that were changed."""
+    return [path for path in paths if make_private(path)]
+
+
+#: The spool's folders (``receiver.spool.Spool``, the outbox, the notifications, the gateway's studies).
+SPOOL_FOLDERS = ("inbox", "parts", "quarantine", "work", "outbox", "notifications", "gateway")
+
+
+def make_home_private(config: Config) -> list[Path]:
+    """Make the home and what it holds (keys, state, spool) private, e.g. a home made with a 0755 umask.
+
+    Folders are enough to fix for what lies deeper: a 0700 folder keeps
+    everything below it from other users.
+    """
+    state = config.state_db
+    paths = [
+        config.home,
+        config.config_file,
+        config.gnupg_home,
+        state,
+        state.with_name(state.name + "-wal"),
+        state.with_name(state.name + "-shm"),
+        config.spool,
+        *(config.spool / name for name in SPOOL_FOLDERS),
+    ]
+    changed = make_private_all(paths)
+    if changed:
+        log.info("made private (readable by this user only): %s", ", ".join(str(p) for p in changed))
+    return changed
+
+
+def open_private(path: Path) -> BinaryIO:
+    """Open ``path`` for writing (truncated) as a 0600 file, whatever the umask and its old mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)  # it existed before, with a looser mode
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def fsync_dir(path: Path) -> None:
@@ -33,6 +113,7 @@ def atomic_writer(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
             yield direct
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file 0600 whatever the umask, and the rename keeps that mode.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
@@ -56,9 +137,9 @@ def fsync_file(path: Path) -> None:
 
 @contextlib.contextmanager
 def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
-    """A private working directory under ``parent``, removed afterwards whatever happens."""
+    """A private (0700) working directory under ``parent``, removed afterwards whatever happens."""
     parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # 0700 whatever the umask
     try:
         yield path
     finally:
@@ -69,7 +150,8 @@ def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
 def pid_lock(path: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``path`` (with our PID in it); yields ``False`` if someone else holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as handle:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

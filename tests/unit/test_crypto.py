@@ -532,7 +532,11 @@ def test_import_export_delete(new_keyring: NewKeyring, hospital: Keyring) -> Non
     assert again.fingerprint == imported.fingerprint
     secret = k.export_key(hospital, HOSPITAL, secret=True)
     assert secret.startswith("-----BEGIN PGP PRIVATE KEY BLOCK-----")
-    (mine,) = k.import_keys(keyring, secret.encode())
+    with pytest.raises(InputError, match="SECRET") as refused_secret:
+        k.import_keys(keyring, secret.encode())
+    assert imported.fingerprint in refused_secret.value.message and "--secret" in refused_secret.value.hint
+    assert k.list_keys(keyring, secret=True) == []  # nothing was imported
+    (mine,) = k.import_keys(keyring, secret.encode(), allow_secret=True)
     assert mine.has_secret
     with pytest.raises(CryptoError) as refused:
         k.delete(keyring, mine.fingerprint)
@@ -541,3 +545,77 @@ def test_import_export_delete(new_keyring: NewKeyring, hospital: Keyring) -> Non
     assert k.list_keys(keyring) == []
     with pytest.raises(KeyNotFoundError):
         k.delete(keyring, HOSPITAL)
+
+
+def test_secret_key_file_is_refused_whole(new_keyring: NewKeyring) -> None:
+    """A file with a public key and someone's secret key: nothing of it is imported without allow_secret."""
+    theirs, their_key = fresh_site(new_keyring, "careless", expires="never")
+    _other, other_key = fresh_site(new_keyring, "bystander", expires="never")
+    bundle = k.export_key(_other, other_key.fingerprint) + k.export_key(theirs, their_key.fingerprint, secret=True)
+    keyring = new_keyring()
+    with pytest.raises(InputError) as refused:
+        k.import_keys(keyring, bundle.encode())
+    assert their_key.fingerprint in refused.value.message and other_key.fingerprint not in refused.value.message
+    assert k.list_keys(keyring) == []
+    # Secret subkeys alone are secret material too.
+    subkeys = gpg(theirs, "--armor", "--export-secret-subkeys", their_key.fingerprint).stdout
+    assert b"PRIVATE KEY" in subkeys
+    with pytest.raises(InputError, match="SECRET"):
+        k.import_keys(keyring, subkeys)
+    assert k.list_keys(keyring) == []
+
+
+def test_certify_never_makes_a_peers_secret_key_our_own(new_keyring: NewKeyring) -> None:
+    """A peer's key file that holds its secret key: certified as a peer's key, with no ownertrust.
+
+    With ultimate ownertrust every key the peer signed would be valid for us:
+    a third key signed only by the peer must stay untrusted.
+    """
+    ours, me = fresh_site(new_keyring, "oursite", expires="never")
+    peer, peer_key = fresh_site(new_keyring, "peersite", expires="never")
+    third, third_key = fresh_site(new_keyring, "thirdsite", expires="never")
+    # The peer certified the third key (exportable, so it travels with the key).
+    k.import_keys(peer, k.export_key(third, third_key.fingerprint).encode())
+    signed = gpg(peer, "--local-user", peer_key.fingerprint, "--quick-sign-key", third_key.fingerprint)
+    assert signed.returncode == 0, signed.stderr
+    third_signed = gpg(peer, "--armor", "--export", third_key.fingerprint).stdout
+
+    k.import_keys(ours, k.export_key(peer, peer_key.fingerprint, secret=True).encode(), allow_secret=True)
+    k.import_keys(ours, third_signed)
+    # identity.key configured: the peer's key is certified with ours, as any peer's.
+    change = k.certify(ours, peer_key.fingerprint, signer=me.fingerprint)
+    assert change.changed and change.key.validity == "full" and "not this site's key" in change.message
+    assert k.find_key(ours, third_key.fingerprint).validity not in ("full", "ultimate")
+    assert k.find_key(ours, me.fingerprint).validity == "ultimate"
+    # Without identity.key two secret keys are ambiguous: no guessing which is ours.
+    with pytest.raises(AmbiguousKeyError):
+        k.certify(ours, third_key.fingerprint)
+    # Revoking the peer's key here would revoke it for good: refused.
+    with pytest.raises(CryptoError, match="not this site's key"):
+        k.revoke(ours, peer_key.fingerprint, own=me.fingerprint)
+    assert k.find_key(ours, peer_key.fingerprint).validity == "full"
+
+
+def test_certify_repairs_ultimate_trust_given_to_a_peer(new_keyring: NewKeyring) -> None:
+    """An older dicommail made a peer's imported secret key ultimately trusted: certify undoes that."""
+    ours, me = fresh_site(new_keyring, "oursite", expires="never")
+    peer, peer_key = fresh_site(new_keyring, "peersite", expires="never")
+    k.import_keys(ours, k.export_key(peer, peer_key.fingerprint, secret=True).encode(), allow_secret=True)
+    gpg(ours, "--import-ownertrust", stdin=f"{peer_key.fingerprint}:6:\n".encode())
+    assert k.find_key(ours, peer_key.fingerprint).validity == "ultimate"
+    change = k.certify(ours, peer_key.fingerprint, signer=me.fingerprint)
+    assert change.changed and change.key.validity == "full"
+    ownertrust = gpg(ours, "--export-ownertrust").stdout.decode()
+    assert f"{peer_key.fingerprint}:6:" not in ownertrust and f"{me.fingerprint}:6:" in ownertrust
+
+
+def test_restored_own_key_is_trusted_as_our_own(new_keyring: NewKeyring) -> None:
+    """A backup of this site's key: the only secret key, or the configured one, becomes ultimate."""
+    original, me = fresh_site(new_keyring, "restored", expires="never")
+    backup = k.export_key(original, me.fingerprint, secret=True).encode()
+    for configured in ("", me.fingerprint):
+        keyring = new_keyring()
+        (key,) = k.import_keys(keyring, backup, allow_secret=True)
+        assert key.validity != "ultimate"
+        change = k.certify(keyring, key.fingerprint, signer=configured)
+        assert change.changed and change.key.validity == "ultimate" and "own key" in change.message

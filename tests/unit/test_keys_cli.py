@@ -173,3 +173,26 @@ def test_errors_become_messages_with_hints(homes: list[Path], tmp_path: Path) ->
     bad = run(home, "import", str(garbage))
     assert bad.exit_code == 1 and "no key could be imported" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_import_refuses_secret_keys_without_secret_option(homes: list[Path], tmp_path: Path) -> None:
+    alpha, beta = homes
+    fpr_a = generate(alpha, "alpha")
+    fpr_b = generate(beta, "beta")
+    secret = tmp_path / "alpha.sec.asc"
+    ok(alpha, "export", fpr_a, "--secret", "-o", str(secret))
+
+    refused = run(beta, "import", str(secret))
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "SECRET key of " + fpr_a in refused.output and "nothing was imported" in refused.output
+    assert str(secret) in refused.output and "--secret" in refused.output
+    assert [key["fingerprint"] for key in listing(beta)] == [fpr_b]
+
+    imported = ok(beta, "import", "--secret", str(secret))
+    assert "imported secret key" in imported.stdout
+    # beta's own key is configured: alpha's key (secret and all) is certified as a peer's, not as our own.
+    (beta / "dicommail.toml").write_text(f'[identity]\nkey = "{fpr_b}"\n')
+    certified = ok(beta, "certify", fpr_a, "--yes")
+    assert "not this site's key" in certified.stdout
+    keys = {key["fingerprint"]: key for key in listing(beta)}
+    assert keys[fpr_a]["validity"] == "full" and keys[fpr_b]["validity"] == "ultimate"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -258,3 +259,53 @@ def test_status_and_transfers_commands(tmp_path: Path) -> None:
     assert json.loads(runner.invoke(cli, [*home, "status", "--json", "--active"]).output)["transfers"][0][
         "status"] == "sending"
     assert runner.invoke(cli, [*home, "transfers", "delete", SET_ID, "--yes"]).exit_code == 1  # still active
+
+
+@pytest.mark.parametrize("method", ["both", "pgp"])
+def test_plain_mdn_only_from_rfc_peers(tmp_path: Path, method: str) -> None:
+    """A peer set to "both" (or "pgp") signs its notifications: a plain one in its name is not believed."""
+    _tracker, db, clock = _outbox(tmp_path)
+    config = parse_config({"peers": {PEER: {"notification": method}}}, tmp_path)
+    tracker = t.Tracker(db, config, keyring=None, now=clock)  # type: ignore[arg-type]
+    decision = tracker.decide(1, _report(n.SUCCESS, scope=n.SET, part=None))
+    assert not decision.accepted and f'notification = "{method}"' in decision.detail
+    assert t.get_transfer(db, SET_ID).status == "sent"
+    (row,) = db.query("SELECT method, accepted FROM acknowledgements")
+    assert (row["method"], row["accepted"]) == ("rfc", 0)
+    # The same MDN from a peer set to "rfc" counts.
+    rfc = t.Tracker(db, parse_config({"peers": {PEER: {"notification": "rfc"}}}, tmp_path), keyring=None,  # type: ignore[arg-type]
+                    now=clock)
+    assert rfc.decide(2, _report(n.SUCCESS, scope=n.SET, part=None)).accepted
+    assert t.get_transfer(db, SET_ID).status == "delivered"
+
+
+def test_signed_ack_counts_only_from_a_certified_user_id(tmp_path: Path, new_keyring: Any) -> None:
+    """A certified peer that adds the recipient's address to its key later cannot acknowledge for it."""
+    from datetime import UTC, datetime
+
+    from dicommail.crypto.gpg import Verification
+    from dicommail.crypto.keys import certify, export_key, generate, import_keys
+
+    ours, other, genuine = new_keyring(), new_keyring(), new_keyring()
+    generate(ours, "Hospital (TEST ONLY)", "hospital@hospital.test", algo="ed25519", expires="never")
+    sneaky = generate(other, "Other (TEST ONLY)", "other@other.test", algo="ed25519", expires="never")
+    real = generate(genuine, "Practice (TEST ONLY)", PEER, algo="ed25519", expires="never")
+    for source, key in ((other, sneaky), (genuine, real)):
+        import_keys(ours, export_key(source, key.fingerprint).encode())
+        certify(ours, key.fingerprint)
+    assert other.run(["--quick-add-uid", sneaky.fingerprint, f"Practice <{PEER}>"]).returncode == 0
+    import_keys(ours, export_key(other, sneaky.fingerprint).encode())
+
+    _tracker, db, clock = _outbox(tmp_path)
+    tracker = t.Tracker(db, parse_config({}, tmp_path), keyring=ours, now=clock)
+
+    def signed(key_fpr: str) -> n.ReceivedReport:
+        plain = _report(n.SUCCESS, scope=n.SET, part=None)
+        signer = Verification(key_fpr, key_fpr, f"Practice <{PEER}>", datetime.now(UTC), "full")
+        return n.ReceivedReport(plain.notification, signer, PEER, "")
+
+    refused = tracker.decide(1, signed(sneaky.fingerprint))
+    assert not refused.accepted and "does not belong to the transfer's recipient" in refused.detail
+    assert t.get_transfer(db, SET_ID).status == "sent"
+    assert tracker.decide(2, signed(real.fingerprint)).accepted
+    assert t.get_transfer(db, SET_ID).status == "delivered"
