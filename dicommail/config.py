@@ -114,6 +114,7 @@ class MailboxConfig:
     other_mail_folder: str = ""
     idle: bool = True
     timeout: int = _setting(60, low=1, high=3600)
+    max_message_size: int = _setting(64 * 1024**2, kind="size", low=MIN_MAIL_SIZE)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class ReceiverConfig:
     destination: str = _setting("pacs", choices=("pacs", "folder"))
     folder: str = ""
     retry_limit: int = _setting(0, low=0, high=1000)
+    quarantine_days: int = _setting(30, low=1, high=3650)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class PacsConfig:
     called_aet: str = _setting("PACS", kind="aet")
     calling_aet: str = _setting("DICOMMAIL", kind="aet")
     timeout: int = _setting(30, low=1, high=3600)
+    in_flight_check: str = _setting("c-find", choices=("c-find", "none"))
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class GatewayConfig:
     allowed_addresses: tuple[str, ...] = _setting((), kind="ip_list")
     default_route: str = ""
     send_interval: int = _setting(60, low=1, high=86400)
+    duplicate_window: int = _setting(7 * 86400, low=0, high=90 * 86400)
 
 
 @dataclass(frozen=True)
@@ -488,6 +492,10 @@ other_mail_folder = ""
 # Wait for new mail with IMAP IDLE between polls, where the server offers it.
 idle = true
 timeout = 60
+# Mails larger than this (as the server reports their size) are not fetched:
+# they stay on the server and are reported.  A defence against mail that
+# would fill the spool; keep it above packing.max_mail_size of your peers.
+max_message_size = "64M"
 
 [receiver]
 # Seconds between polls (without IDLE) and between retries.
@@ -499,6 +507,9 @@ destination = "pacs"
 folder = ""
 # Forwarding attempts before a set is reported failed; 0 = keep trying.
 retry_limit = 0
+# Days the quarantine keeps a refused mail (encrypted, with its reason)
+# before the receiver removes it.
+quarantine_days = 30
 
 [pacs]
 # The local PACS that receives verified studies by C-STORE.
@@ -507,6 +518,10 @@ port = 104
 called_aet = "PACS"
 calling_aet = "DICOMMAIL"
 timeout = 30
+# After a crash while an instance was being sent, ask the PACS whether it
+# stored it before sending it again: "c-find" (IMAGE level, by SOP Instance
+# UID) or "none" (send it again: the PACS may then hold it twice).
+in_flight_check = "c-find"
 
 [gateway]
 # `dicommail gateway`: a DICOM node (C-STORE and C-ECHO) the PACS pushes
@@ -531,6 +546,11 @@ allowed_addresses = []
 default_route = ""
 # Seconds between retries of queued mails that could not be sent.
 send_interval = 60
+# A PACS that repeats a C-STORE the gateway had already stored (its success
+# answer was lost in a crash) is answered "success" without sending the
+# instance again, if the same SOP Instance UID with the same content
+# arrived within this many seconds.  0: every push is sent.
+duplicate_window = 604800
 
 # One table per called AE title: who gets studies pushed to it.
 # [routes."DR_MILLER"]

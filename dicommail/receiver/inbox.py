@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from dicommail.errors import DicommailError
 from dicommail.receiver.spool import Spool
@@ -25,6 +28,10 @@ OTHER = "other"
 #: PGP/MIME mail marked X-TELEMEDICINE-REPORT.
 REPORT = "report"
 
+#: Status of a mail not fetched because it is over ``mailbox.max_message_size``
+#: (kind "other", no spool file): it stays on the server.
+TOO_LARGE = "too-large"
+
 
 @dataclass(frozen=True)
 class InboundMail:
@@ -35,6 +42,8 @@ class InboundMail:
     status: str
     spool_path: Path
     server_done: bool
+    #: Size in bytes: of the stored file, or as the server reported it (too large).
+    size: int = 0
 
 
 def classify(headers: Message) -> tuple[str, FragmentInfo | None]:
@@ -71,6 +80,7 @@ def _row(row: sqlite3.Row) -> InboundMail:
         status=row["status"],
         spool_path=Path(row["spool_path"]),
         server_done=bool(row["server_done"]),
+        size=row["size"],
     )
 
 
@@ -88,7 +98,67 @@ def store_fetched(db: Database, spool: Spool, account: str, server_uid: str, dat
     existing = known(db, account, server_uid)
     if existing is not None:
         return existing
-    path = spool.store_raw(data)
+    return record_stored(db, account, server_uid, spool.store_raw(data))
+
+
+class IncomingMail:
+    """A fetched mail written to the spool piece by piece, then recorded.
+
+    ``with IncomingMail(spool) as mail: mail.write(...); mail.record(...)``:
+    memory stays bounded by the pieces, not the mail.  Leaving the block
+    without :meth:`record` (an error, or :meth:`discard`) leaves no file.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self._stack = contextlib.ExitStack()
+        self.path, self._handle = self._stack.enter_context(spool.raw_writer())
+        #: Bytes written so far.
+        self.size = 0
+        self._open = True
+
+    def write(self, data: bytes | bytearray) -> None:
+        self._handle.write(data)
+        self.size += len(data)
+
+    def discard(self) -> None:
+        """Remove what was written (the temporary file); no-op once closed."""
+        if self._open:
+            self._open = False
+            # Raising into the writer is what makes atomic_writer remove its temporary file.
+            self._stack.__exit__(_Discarded, _Discarded(), None)
+
+    def record(self, db: Database, account: str, server_uid: str) -> InboundMail:
+        """Make the file durable under its name, then classify and record it (see :func:`record_stored`)."""
+        if not self._open:
+            raise ValueError("this incoming mail was already recorded or discarded")
+        self._open = False
+        self._stack.close()  # rename into place and fsync
+        return record_stored(db, account, server_uid, self.path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.discard()
+
+
+class _Discarded(Exception):
+    """Thrown into the spool writer to drop an incoming mail."""
+
+
+def record_stored(db: Database, account: str, server_uid: str, path: Path) -> InboundMail:
+    """Record a mail already stored durably at ``path``; classification reads only its header.
+
+    A mail already recorded for ``(account, server_uid)`` is kept as it is
+    and ``path`` removed.
+    """
+    existing = known(db, account, server_uid)
+    if existing is not None:
+        path.unlink(missing_ok=True)
+        return existing
+    size = path.stat().st_size
     try:
         with path.open("rb") as handle:
             headers = read_headers(LineReader(handle))
@@ -107,7 +177,7 @@ def store_fetched(db: Database, spool: Spool, account: str, server_uid: str, dat
                 account,
                 server_uid,
                 str(headers.get("Message-ID", "")).strip()[:998],
-                len(data),
+                size,
                 str(path),
                 kind,
                 OTHER if kind == OTHER else "stored",
@@ -127,6 +197,31 @@ def store_fetched(db: Database, spool: Spool, account: str, server_uid: str, dat
     found = known(db, account, server_uid)
     assert found is not None and found.id == mail_id
     return found
+
+
+def record_too_large(db: Database, account: str, server_uid: str, size: int) -> InboundMail:
+    """Record a mail left on the server for its size, so that it is reported once, not every poll.
+
+    Kind "other" and status :data:`TOO_LARGE`, no spool file (``spool_path``
+    empty), ``size`` as the server reported it (or as far as it was read),
+    and nothing left to do on the server.
+    """
+    with db.transaction() as conn:
+        conn.execute(
+            """INSERT OR IGNORE INTO inbound_mails (account, server_uid, message_id, size, spool_path, kind, status,
+                   server_done, error, received_at)
+               VALUES (?, ?, '', ?, '', ?, ?, 1, ?, ?)""",
+            (account, server_uid, size, OTHER, TOO_LARGE, "over mailbox.max_message_size; left on the server", now()),
+        )
+    found = known(db, account, server_uid)
+    assert found is not None
+    return found
+
+
+def forget(db: Database, mail_id: int) -> None:
+    """Drop the record of a mail that was not stored (too large), so that it is fetched again."""
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM inbound_mails WHERE id = ? AND status = ?", (mail_id, TOO_LARGE))
 
 
 def mark_server_done(db: Database, mail_id: int) -> None:

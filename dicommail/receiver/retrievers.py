@@ -9,6 +9,13 @@ stores nothing twice and finishes server actions a crash left pending.
 Mail that is not DICOM-Mail ("other") is never deleted: it stays where it is
 (IMAP fetches with ``BODY.PEEK[]``, so it stays unread) or is moved to
 ``mailbox.other_mail_folder``.
+
+A mail over ``mailbox.max_message_size`` by the size the server reports
+(IMAP ``RFC822.SIZE``, POP3 ``LIST``) is not fetched at all: it stays on the
+server untouched and is recorded (status "too-large") so that it is reported
+once, not every poll.  Everything else is written to the spool in pieces
+(IMAP partial fetches, POP3 line by line), so memory does not grow with the
+size of a mail.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import poplib
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,12 +36,13 @@ from typing import Any, BinaryIO, Self, TypeVar
 
 from aioimaplib import aioimaplib
 
-from dicommail.config import Config, MailboxConfig
+from dicommail.config import Config, MailboxConfig, format_size
 from dicommail.errors import AuthenticationError, ConfigError, DicommailError, TransportError
 from dicommail.receiver import inbox
 from dicommail.receiver.inbox import InboundMail
 from dicommail.receiver.spool import Spool
 from dicommail.store.db import Database
+from dicommail.transport.smtp import is_loopback
 
 log = logging.getLogger("dicommail.receiver")
 
@@ -50,8 +58,15 @@ _IDLE_ROUND = 25 * 60.0
 _TEMPORARY_LOGIN_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[SYS/TEMP]", b"[IN-USE]", b"[LOGIN-DELAY]")
 
 _UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
-_FETCH_BODY_RE = re.compile(rb"^\d+ FETCH \(.*BODY\[\] \{(\d+)\}$", re.IGNORECASE)
+# BODY[] for a whole fetch, BODY[]<offset> for a partial one.
+_FETCH_BODY_RE = re.compile(rb"^\d+ FETCH \(.*BODY\[\](?:<\d+>)? \{(\d+)\}$", re.IGNORECASE)
+# A piece past the end of the mail may come as an empty quoted string (or NIL) instead of a literal.
+_FETCH_EMPTY_RE = re.compile(rb"^\d+ FETCH \(.*BODY\[\](?:<\d+>)? (?:\"\"|NIL)[ )]", re.IGNORECASE)
+_FETCH_SIZE_RE = re.compile(rb"^\d+ FETCH \(.*\bRFC822\.SIZE (\d+)", re.IGNORECASE)
 _UID_RE = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
+
+#: Bytes per IMAP partial fetch: what a retriever holds in memory of a mail at a time.
+_IMAP_PIECE = 4 * 1024 * 1024
 
 _CREDENTIALS_HINT = "check mailbox.username and mailbox.password_file in the config"
 
@@ -76,6 +91,8 @@ class FetchReport:
     known: int = 0
     #: Server actions a previous run left pending (crash after store), done now.
     completed: int = 0
+    #: Mails newly found over ``mailbox.max_message_size``: left on the server, not fetched.
+    too_large: int = 0
 
     @property
     def stored(self) -> int:
@@ -175,29 +192,58 @@ def _reply_text(response: Any) -> str:
     return bytes(last).decode("utf-8", "replace")[:200] if isinstance(last, bytes | bytearray) else ""
 
 
-def _fetched_body(lines: Iterable[Any], uid: int) -> bytes | None:
-    """The ``BODY[]`` literal for ``uid`` out of aioimaplib's FETCH response lines.
+def _fetched_body(lines: Iterable[Any], uid: int) -> bytes | bytearray | None:
+    """The ``BODY[]`` (or ``BODY[]<offset>``) literal for ``uid`` out of aioimaplib's FETCH response lines.
 
     aioimaplib hands a literal over as a separate ``bytearray`` element right
     after the line announcing it (``* n FETCH (UID u BODY[] {size}``); the
-    UID may come before the literal or in the line after it.
+    UID may come before the literal or in the line after it.  Returned as
+    it is, not copied: it may be a piece of several MiB.
     """
     items = list(lines)
     for index, line in enumerate(items):
         if not isinstance(line, bytes):
             continue
         match = _FETCH_BODY_RE.match(line)
-        if match is None or index + 1 >= len(items):
+        if match is None:
+            if _FETCH_EMPTY_RE.match(line) and _is_for(uid, line):
+                return b""
+            continue
+        if index + 1 >= len(items):
             continue
         literal = items[index + 1]
         if not isinstance(literal, bytearray | bytes) or len(literal) != int(match.group(1)):
             continue
         trailer = items[index + 2] if index + 2 < len(items) and isinstance(items[index + 2], bytes) else b""
-        uid_match = _UID_RE.search(line) or _UID_RE.search(trailer)
-        if uid_match is not None and int(uid_match.group(1)) != uid:
+        if not _is_for(uid, line, trailer):
             continue  # an unsolicited response for another message
-        return bytes(literal)
+        return literal
     return None
+
+
+def _is_for(uid: int, line: bytes, trailer: bytes = b"") -> bool:
+    """Whether a FETCH response is about ``uid`` (one without a UID is taken to be)."""
+    match = _UID_RE.search(line) or _UID_RE.search(trailer)
+    return match is None or int(match.group(1)) == uid
+
+
+def _fetched_size(lines: Iterable[Any], uid: int) -> int | None:
+    """``RFC822.SIZE`` of ``uid`` out of a FETCH response (``None``: the mail is gone)."""
+    for line in lines:
+        if isinstance(line, bytes):
+            match = _FETCH_SIZE_RE.match(line)
+            if match is not None and _is_for(uid, line):
+                return int(match.group(1))
+    return None
+
+
+def _size_guard(limit: int) -> int:
+    """How many bytes of a mail are read before giving up on it, whatever size the server reported.
+
+    Some slack over the limit: a server may report sizes with LF line ends
+    and send CRLF.
+    """
+    return limit + limit // 8 + 64 * 1024
 
 
 class _Retriever:
@@ -206,8 +252,16 @@ class _Retriever:
     def __init__(
         self, settings: MailboxConfig, password: str, db: Database, spool: Spool, *, ca_file: Path | None = None
     ) -> None:
+        if settings.security == "none" and not is_loopback(settings.host):
+            # Password and mail (patient data) would cross the network in plain text.
+            raise ConfigError(
+                f'mailbox.security = "none" is only allowed for a mail server on this machine, not {settings.host}',
+                'set mailbox.security = "tls" (IMAPS port 993, POP3S port 995) or "starttls" (ports 143, 110)',
+            )
         self.settings = settings
         self.account = account_name(settings)
+        self._limit = settings.max_message_size
+        self._guard = _size_guard(self._limit)
         self.db = db
         self.spool = spool
         self._password = password
@@ -232,17 +286,56 @@ class _Retriever:
             _CREDENTIALS_HINT,
         )
 
-    def _store(self, server_uid: str, data: bytes) -> InboundMail:
+    def _store_failed(self, exc: OSError) -> TransportError:
+        # A TransportError (temporary) so that a receiver retries the poll like any failed fetch.
+        return TransportError(
+            f"cannot store a fetched mail in the spool {self.spool.root}: {exc.strerror or exc}",
+            "check free space and permissions there; the mail stays on the server and is fetched again",
+        )
+
+    def _incoming(self) -> inbox.IncomingMail:
         try:
-            mail = inbox.store_fetched(self.db, self.spool, self.account, server_uid, data)
+            return inbox.IncomingMail(self.spool)
         except OSError as exc:
-            # A TransportError (temporary) so that a receiver retries the poll like any failed fetch.
-            raise TransportError(
-                f"cannot store a fetched mail in the spool {self.spool.root}: {exc.strerror or exc}",
-                "check free space and permissions there; the mail stays on the server and is fetched again",
-            ) from exc
-        log.debug("stored mail %s of %s: %s, %d bytes", server_uid, self.account, mail.kind, len(data))
+            raise self._store_failed(exc) from exc
+
+    def _write(self, incoming: inbox.IncomingMail, data: bytes | bytearray) -> None:
+        try:
+            incoming.write(data)
+        except OSError as exc:
+            raise self._store_failed(exc) from exc
+
+    def _record(self, incoming: inbox.IncomingMail, server_uid: str) -> InboundMail:
+        """Make a fetched mail durable and record it (fsyncs: run it in a thread from async code)."""
+        try:
+            mail = incoming.record(self.db, self.account, server_uid)
+        except OSError as exc:
+            raise self._store_failed(exc) from exc
+        log.debug("stored mail %s of %s: %s, %d bytes", server_uid, self.account, mail.kind, incoming.size)
         return mail
+
+    def _known(self, server_uid: str) -> InboundMail | None:
+        """The record of a mail fetched before; ``None`` also for one left for its size under a lower limit."""
+        mail = inbox.known(self.db, self.account, server_uid)
+        if mail is not None and mail.status == inbox.TOO_LARGE and mail.size <= self._limit:
+            # mailbox.max_message_size was raised since: fetch it now.
+            inbox.forget(self.db, mail.id)
+            return None
+        return mail
+
+    def _too_large(self, server_uid: str, size: int, report: FetchReport, *, reported: bool = True) -> None:
+        """Leave a mail over the size limit on the server; record it so that this is said once."""
+        inbox.record_too_large(self.db, self.account, server_uid, size)
+        report.too_large += 1
+        # Only sizes and the server's UID: nothing from the mail itself.
+        log.warning(
+            "mail %s on %s is %s%s, over mailbox.max_message_size %s; left on the server",
+            server_uid,
+            self.account,
+            "" if reported else "more than ",
+            format_size(size),
+            format_size(self._limit),
+        )
 
     def _finish_gone(self, pending: dict[str, InboundMail], report: FetchReport) -> None:
         """Pending rows whose mail is no longer in the folder: there is nothing left to do on the server."""
@@ -256,16 +349,18 @@ class _Retriever:
             report.completed += 1
 
     def _log_report(self, report: FetchReport) -> None:
-        level = logging.INFO if report.stored or report.completed else logging.DEBUG
+        level = logging.INFO if report.stored or report.completed or report.too_large else logging.DEBUG
         log.log(
             level,
-            "fetched from %s: %d DICOM-Mail, %d fragments, %d other; %d known; %d pending actions completed",
+            "fetched from %s: %d DICOM-Mail, %d fragments, %d other; %d known; %d pending actions completed; "
+            "%d too large, left on the server",
             self.account,
             report.dicom_mail,
             report.fragments,
             report.other,
             report.known,
             report.completed,
+            report.too_large,
         )
 
     async def close(self) -> None:
@@ -561,24 +656,11 @@ class ImapRetriever(_Retriever):
         pending = {m.server_uid: m for m in inbox.pending_server_actions(self.db, self.account)}
         for uid in uids:
             server_uid = f"{uidvalidity}:{uid}"
-            mail = inbox.known(self.db, self.account, server_uid)
+            mail = self._known(server_uid)
             if mail is None:
-                # One mail at a time: memory stays bounded by the largest mail.
-                response = await self._call(
-                    "fetching a mail", self._imap.uid("fetch", str(uid), "BODY.PEEK[]"), limited=False
-                )
-                if response.result != "OK":
-                    raise TransportError(
-                        f"{self._where} refused fetching a mail: {_reply_text(response)}", "dicommail retries"
-                    )
-                data = _fetched_body(response.lines, uid)
-                del response
-                if data is None:
-                    log.debug("mail %s of %s vanished before it could be fetched", server_uid, self.account)
-                    continue
-                # fsyncs take a while: keep the event loop free meanwhile.
-                mail = await asyncio.to_thread(self._store, server_uid, data)
-                del data
+                mail = await self._download(uid, server_uid, report)
+                if mail is None:
+                    continue  # gone, or too large: nothing to do on the server
                 report.count(mail)
             elif mail.server_done:
                 report.known += 1
@@ -592,6 +674,51 @@ class ImapRetriever(_Retriever):
         self._finish_gone(pending, report)
         self._uidvalidity = uidvalidity
         self._highest_uid = uids[-1] if uids else 0
+
+    async def _download(self, uid: int, server_uid: str, report: FetchReport) -> InboundMail | None:
+        """Fetch one mail into the spool in pieces and record it; ``None`` if it is gone or too large."""
+        asking = self._imap.uid("fetch", str(uid), "RFC822.SIZE")
+        response = await self._checked("asking for the size of a mail", asking)
+        size = _fetched_size(response.lines, uid)
+        if size is None:
+            log.debug("mail %s of %s vanished before it could be fetched", server_uid, self.account)
+            return None
+        if size > self._limit:
+            self._too_large(server_uid, size, report)
+            return None
+        with self._incoming() as incoming:
+            while True:
+                # BODY.PEEK: other mail stays unread.  Pieces of a fixed size until a short one:
+                # RFC822.SIZE is not trusted to be exact.
+                piece_request = f"BODY.PEEK[]<{incoming.size}.{_IMAP_PIECE}>"
+                response = await self._call(
+                    "fetching a mail", self._imap.uid("fetch", str(uid), piece_request), limited=False
+                )
+                if response.result != "OK":
+                    raise TransportError(
+                        f"{self._where} refused fetching a mail: {_reply_text(response)}", "dicommail retries"
+                    )
+                piece = _fetched_body(response.lines, uid)
+                del response
+                if piece is None:
+                    log.debug("mail %s of %s vanished while it was fetched", server_uid, self.account)
+                    return None
+                if len(piece) > _IMAP_PIECE and incoming.size:
+                    # Appending a second whole mail would corrupt the stored one.
+                    raise TransportError(
+                        f"{self._where} answered a partial fetch (BODY[]<offset.length>) with more than was asked",
+                        "the server does not follow RFC 3501 6.4.5; dicommail retries",
+                    )
+                self._write(incoming, piece)
+                if incoming.size > self._guard:
+                    incoming.discard()
+                    self._too_large(server_uid, incoming.size, report, reported=False)
+                    return None
+                if len(piece) != _IMAP_PIECE:
+                    break  # the last piece (or, from a server ignoring <offset.length>, the whole mail)
+                del piece
+            # fsyncs take a while: keep the event loop free meanwhile.
+            return await asyncio.to_thread(self._record, incoming, server_uid)
 
     async def _server_action(self, uid: int, mail: InboundMail) -> None:
         if mail.kind not in _OURS:
@@ -710,9 +837,26 @@ _POP3_MAX_LINE = 1024 * 1024
 
 
 class _LongLines:
-    """poplib's line reader with a larger limit."""
+    """poplib's line reader with a larger limit, and RETR that does not collect the mail."""
 
     file: BinaryIO
+    sock: socket.socket
+
+    def retr_lines(self, which: str) -> Iterator[bytes]:
+        """RETR ``which``: its lines one at a time, dot-unstuffed, without line ends.
+
+        poplib's ``retr`` builds a list of every line: several times the
+        mail's size in memory.  Read to the end, or the session is unusable.
+        """
+        self.sock.sendall(f"RETR {which}\r\n".encode("ascii"))
+        status, _ = self._getline()
+        if not status.startswith(b"+"):
+            raise poplib.error_proto(status)
+        while True:
+            line, _ = self._getline()
+            if line == b".":
+                return
+            yield line[1:] if line.startswith(b"..") else line
 
     def _getline(self) -> tuple[bytes, int]:
         line = self.file.readline(_POP3_MAX_LINE + 1)
@@ -772,9 +916,9 @@ class Pop3Retriever(_Retriever):
         pop = await asyncio.to_thread(self._open)
         await asyncio.to_thread(_close_quietly, pop)
 
-    def _open(self) -> poplib.POP3:
+    def _open(self) -> _Pop3 | _Pop3Ssl:
         doing = "connecting"
-        pop: poplib.POP3 | None = None
+        pop: _Pop3 | _Pop3Ssl | None = None
         try:
             if self.settings.security == "tls":
                 pop = _Pop3Ssl(self.settings.host, self.settings.port, timeout=self._timeout, context=self._ssl)
@@ -812,17 +956,20 @@ class Pop3Retriever(_Retriever):
         committed = False
         try:
             _, listing, _ = pop.uidl()
+            sizes = _pop3_sizes(pop.list()[1])
             pending = {m.server_uid: m for m in inbox.pending_server_actions(self.db, self.account)}
             deleted: list[int] = []
             for entry in listing:
                 number, _, server_uid = entry.decode("ascii", "replace").strip().partition(" ")
-                mail = inbox.known(self.db, self.account, server_uid)
+                mail = self._known(server_uid)
                 if mail is None:
-                    _, lines, _ = pop.retr(number)
-                    data = b"\r\n".join(lines) + b"\r\n"
-                    del lines
-                    mail = self._store(server_uid, data)
-                    del data
+                    size = sizes.get(number)
+                    if size is not None and size > self._limit:
+                        self._too_large(server_uid, size, report)
+                        continue
+                    mail = self._retrieve(pop, number, server_uid, report)
+                    if mail is None:
+                        continue
                     report.count(mail)
                 elif mail.server_done:
                     report.known += 1
@@ -847,6 +994,33 @@ class Pop3Retriever(_Retriever):
             if not committed:
                 _close_quietly(pop)
         return report
+
+    def _retrieve(self, pop: _Pop3 | _Pop3Ssl, number: str, server_uid: str, report: FetchReport) -> InboundMail | None:
+        """RETR one mail into the spool line by line and record it; ``None`` if it was too large after all."""
+        with self._incoming() as incoming:
+            seen = 0
+            for line in pop.retr_lines(number):
+                seen += len(line) + 2
+                if seen > self._guard:
+                    incoming.discard()  # and read on to the end of the mail, discarding it
+                    continue
+                # Line ends as poplib.retr gave them joined: CRLF.
+                self._write(incoming, line + b"\r\n")
+            if seen > self._guard:
+                self._too_large(server_uid, seen, report, reported=False)
+                return None
+            return self._record(incoming, server_uid)
+
+
+def _pop3_sizes(listing: Iterable[bytes]) -> dict[str, int]:
+    """Message number to size, from the lines of a LIST reply (``"1 1234"``)."""
+    sizes: dict[str, int] = {}
+    for entry in listing:
+        number, _, size = entry.decode("ascii", "replace").strip().partition(" ")
+        size = size.split(" ", 1)[0]
+        if size.isdigit():
+            sizes[number] = int(size)
+    return sizes
 
 
 def make_retriever(config: Config, db: Database, spool: Spool) -> ImapRetriever | Pop3Retriever:

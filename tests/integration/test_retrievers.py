@@ -8,11 +8,18 @@ state database and spool.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import imaplib
+import json
+import logging
 import re
 import smtplib
 import socket
+import sqlite3
 import ssl
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +30,7 @@ import pytest
 
 from dicommail.config import Config, MailboxConfig
 from dicommail.errors import AuthenticationError, ConfigError, TransportError
-from dicommail.receiver import inbox
+from dicommail.receiver import inbox, retrievers
 from dicommail.receiver.retrievers import (
     ImapRetriever,
     Pop3Retriever,
@@ -151,6 +158,7 @@ def _normalised(data: bytes) -> bytes:
 class State:
     db: Database
     spool: Spool
+    db_path: Path
 
     def rows(self) -> int:
         return int(self.db.query("SELECT COUNT(*) FROM inbound_mails")[0][0])
@@ -163,7 +171,7 @@ class State:
 def state(tmp_path: Path) -> Iterator[State]:
     db = Database(tmp_path / "state.db")
     try:
-        yield State(db, Spool(tmp_path / "spool"))
+        yield State(db, Spool(tmp_path / "spool"), tmp_path / "state.db")
     finally:
         db.close()
 
@@ -457,3 +465,222 @@ def test_make_retriever(servers: MailServers, tmp_path: Path, state: State) -> N
         make_retriever(
             replace(config, mailbox=replace(config.mailbox, processed_folder="INBOX")), state.db, state.spool
         )
+
+
+def test_security_none_is_refused_for_a_remote_server(tmp_path: Path, state: State) -> None:
+    (tmp_path / "mailbox.pw").write_text("secret\n")
+    for protocol, port in (("imap", 143), ("pop3", 110)):
+        box = MailboxConfig(
+            protocol=protocol, host="mail.example.org", port=port, security="none", username=PRACTICE,
+            password_file="mailbox.pw",
+        )
+        with pytest.raises(ConfigError) as caught:
+            make_retriever(Config(home=tmp_path, mailbox=box), state.db, state.spool)
+        assert 'mailbox.security = "none"' in caught.value.message
+        assert "mail.example.org" in caught.value.message
+        assert '"tls"' in caught.value.hint and '"starttls"' in caught.value.hint
+        # On this machine (a local relay, a test bed) plain text is allowed, as for SMTP.
+        for host in ("127.0.0.1", "localhost", "::1"):
+            local = Config(home=tmp_path, mailbox=replace(box, host=host))
+            assert make_retriever(local, state.db, state.spool).settings.host == host
+
+
+# --- mails over mailbox.max_message_size, and fetching in pieces -------------------
+
+LIMIT = 128 * 1024
+
+
+def _big_mail(subject: str, size: int) -> bytes:
+    """A DICOM-Mail-like mail of about ``size`` bytes, with lines a POP3 server must dot-stuff."""
+    lines = [f"{n:07d}/{'x' * 66}".encode() if n % 50 else b".dotted line" for n in range(size // 76 + 1)]
+    body = b"\r\n".join(lines) + b"\r\n"
+    return _mail(subject, dicom=True).replace(b"-----END PGP MESSAGE-----", body + b"-----END PGP MESSAGE-----")
+
+
+def _retriever(servers: MailServers, state: State, protocol: str, **changes: object) -> ImapRetriever | Pop3Retriever:
+    if protocol == "imap":
+        return _imap_retriever(servers, state, **changes)
+    return _pop3_retriever(servers, state, **changes)
+
+
+def _too_large_rows(state: State) -> list[sqlite3.Row]:
+    return state.db.query("SELECT * FROM inbound_mails WHERE status = ?", (inbox.TOO_LARGE,))
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_mail_over_the_limit_stays_on_the_server_and_is_reported_once(
+    servers: MailServers, state: State, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    big, small = f"big {tag}", f"small {tag}"
+    _send(servers, _big_mail(big, 3 * LIMIT), _mail(small, dicom=True))
+    _wait_for(servers, {big, small})
+    caplog.set_level(logging.INFO, logger="dicommail.receiver")
+
+    async def scenario() -> None:
+        async with _retriever(servers, state, protocol, max_message_size=LIMIT, after_processing="delete") as r:
+            report = await r.fetch()
+            assert (report.too_large, report.dicom_mail) == (1, 1)  # and the next mail is fetched
+            again = await r.fetch()
+            assert (again.too_large, again.stored, again.known) == (0, 0, 1)
+
+    asyncio.run(scenario())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "max_message_size" in r.getMessage()]
+    assert len(warnings) == 1  # once, not every poll
+    message = warnings[0].getMessage()
+    assert "over mailbox.max_message_size 128.0 KiB; left on the server" in message
+    assert big not in message and HOSPITAL not in message  # nothing from the mail itself
+
+    # Untouched on the server (not deleted, not even read); the small one is gone (deleted).
+    [left] = _list(servers)
+    assert left.subject == big and "\\Seen" not in left.flags
+    [row] = _too_large_rows(state)
+    assert (row["kind"], row["spool_path"], row["server_done"]) == (inbox.OTHER, "", 1)
+    assert row["size"] > 2 * LIMIT
+    assert state.spool_files() == 1  # the small one only
+    assert not list(state.spool.inbox.glob(".*.tmp"))
+
+    # Raising the limit fetches it after all.
+    async def raised() -> None:
+        async with _retriever(servers, state, protocol, max_message_size=4 * LIMIT) as r:
+            report = await r.fetch()
+            assert (report.too_large, report.dicom_mail) == (0, 1)
+
+    asyncio.run(raised())
+    assert _too_large_rows(state) == []
+    assert state.spool_files() == 2
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_mail_larger_than_the_server_said_is_given_up(
+    servers: MailServers, state: State, protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second guard: reading stops (IMAP) or is discarded (POP3) past the limit plus slack."""
+    tag = uuid.uuid4().hex[:8]
+    big, small = f"big {tag}", f"small {tag}"
+    _send(servers, _big_mail(big, 3 * LIMIT), _mail(small, dicom=True))
+    _wait_for(servers, {big, small})
+    monkeypatch.setattr(retrievers, "_IMAP_PIECE", 16 * 1024)
+    # As if the server reported every mail as tiny (IMAP), or no sizes at all (POP3).
+    monkeypatch.setattr(retrievers, "_fetched_size", lambda lines, uid: 1)
+    monkeypatch.setattr(retrievers, "_pop3_sizes", lambda listing: {})
+
+    async def scenario() -> None:
+        async with _retriever(servers, state, protocol, max_message_size=LIMIT, after_processing="keep") as retriever:
+            report = await retriever.fetch()
+            assert (report.too_large, report.dicom_mail) == (1, 1)
+            assert (await retriever.fetch()).known == 2
+
+    asyncio.run(scenario())
+    [row] = _too_large_rows(state)
+    assert retrievers._size_guard(LIMIT) < row["size"] <= 3 * LIMIT + 16 * 1024
+    assert state.spool_files() == 1
+    assert not list(state.spool.inbox.glob(".*.tmp"))
+    assert {m.subject for m in _list(servers)} == {big, small}  # keep: both still there
+
+
+def _rfc822_size(servers: MailServers, uid: int) -> int:
+    with _imap(servers) as client:
+        client.select("INBOX", readonly=True)
+        _, data = client.uid("FETCH", str(uid), "(RFC822.SIZE)")
+        match = re.search(rb"RFC822\.SIZE (\d+)", data[0] if isinstance(data[0], bytes) else b"")
+        assert match
+        return int(match.group(1))
+
+
+@pytest.mark.parametrize("piece", ["size", "size-1", "half", "small"])
+def test_imap_pieces_make_the_same_bytes_as_a_whole_fetch(
+    servers: MailServers, state: State, piece: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subject = f"pieces {uuid.uuid4().hex[:8]}"
+    _send(servers, _big_mail(subject, 200 * 1024))
+    _wait_for(servers, {subject})
+    [mail] = _list(servers)
+    size = _rfc822_size(servers, mail.uid)
+    # A piece that ends exactly at the end of the mail makes the next one start past it.
+    pieces = {"size": size, "size-1": size - 1, "half": (size + 1) // 2 if size % 2 else size // 2, "small": 7000}
+    monkeypatch.setattr(retrievers, "_IMAP_PIECE", pieces[piece])
+
+    async def scenario() -> None:
+        async with _imap_retriever(servers, state, after_processing="keep") as retriever:
+            assert (await retriever.fetch()).dicom_mail == 1
+
+    asyncio.run(scenario())
+    [row] = state.db.query("SELECT * FROM inbound_mails")
+    assert Path(row["spool_path"]).read_bytes() == _raw(servers, mail.uid)
+    assert row["size"] == size
+
+
+#: Runs one fetch in a process of its own and prints its peak RSS.  VmHWM, not ru_maxrss:
+#: that one keeps the peak of the forked test process from before exec.
+_FETCH_AND_MEASURE = """
+import asyncio, json, re, sys
+from pathlib import Path
+from dicommail.config import MailboxConfig
+from dicommail.receiver.retrievers import ImapRetriever, Pop3Retriever
+from dicommail.receiver.spool import Spool
+from dicommail.store.db import Database
+
+args = json.loads(sys.argv[1])
+settings = MailboxConfig(**args["settings"])
+db = Database(Path(args["db"]))
+kind = ImapRetriever if settings.protocol == "imap" else Pop3Retriever
+retriever = kind(settings, args["password"], db, Spool(Path(args["spool"])), ca_file=Path(args["ca_file"]))
+
+async def main():
+    async with retriever:
+        return await retriever.fetch()
+
+report = asyncio.run(main())
+peak = re.search(r"^VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+print(json.dumps({"stored": report.stored, "too_large": report.too_large, "peak_rss": int(peak.group(1)) * 1024}))
+"""
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_a_large_mail_is_fetched_in_bounded_memory(servers: MailServers, state: State, protocol: str) -> None:
+    """A 120 MiB mail (under a 200 MiB limit) is stored byte for byte; the retriever stays under 150 MiB."""
+    subject = f"large {uuid.uuid4().hex[:8]}"
+    # By LMTP straight to Dovecot: quicker than through Postfix, and the same mailbox.
+    with smtplib.LMTP(str(servers.lmtp_socket)) as lmtp:
+        lmtp.sendmail(HOSPITAL, [PRACTICE], _big_mail(subject, 120 * 1024 * 1024))
+    _wait_for(servers, {subject})
+    port = servers.imaps_port if protocol == "imap" else servers.pop3s_port
+    settings = dataclasses.asdict(
+        _settings(servers, protocol=protocol, port=port, max_message_size=200 * 1024 * 1024, after_processing="keep")
+    )
+    args = {
+        "settings": settings,
+        "password": servers.accounts[PRACTICE],
+        "db": str(state.db_path),
+        "spool": str(state.spool.root),
+        "ca_file": str(servers.ca_file),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _FETCH_AND_MEASURE, json.dumps(args)], capture_output=True, check=False, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["stored"], result["too_large"]) == (1, 0)
+    assert result["peak_rss"] < 150 * 1024 * 1024, f"peak RSS {result['peak_rss'] / 1024**2:.0f} MiB"
+
+    [mail] = _list(servers)
+    [row] = state.db.query("SELECT * FROM inbound_mails")
+    stored = Path(row["spool_path"])
+    assert stored.stat().st_size == row["size"] == _rfc822_size(servers, mail.uid)
+    assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(_raw(servers, mail.uid)).digest()
+
+
+def test_fetch_response_parsing() -> None:
+    """Whole and partial BODY[] literals, an empty piece past the end, sizes; others' responses ignored."""
+    piece = bytearray(b"abc")
+    assert retrievers._fetched_body([b"1 FETCH (UID 5 BODY[]<0> {3}", piece, b")", b"OK done"], 5) is piece
+    assert retrievers._fetched_body([b"1 FETCH (BODY[] {3}", piece, b" UID 5)", b"OK done"], 5) == b"abc"
+    assert retrievers._fetched_body([b"1 FETCH (BODY[]<8> {3}", piece, b" UID 6)", b"OK done"], 5) is None
+    assert retrievers._fetched_body([b"1 FETCH (UID 5 BODY[]<9> {0}", bytearray(), b")", b"OK"], 5) == b""
+    assert retrievers._fetched_body([b'1 FETCH (UID 5 BODY[]<9> "")', b"OK"], 5) == b""
+    assert retrievers._fetched_body([b"1 FETCH (UID 5 BODY[]<9> NIL)", b"OK"], 5) == b""
+    assert retrievers._fetched_body([b"OK Fetch completed"], 5) is None
+    assert retrievers._fetched_size([b"2 FETCH (FLAGS (\\Seen) UID 4)", b"1 FETCH (UID 5 RFC822.SIZE 1234)"], 5) == 1234
+    assert retrievers._fetched_size([b"1 FETCH (UID 6 RFC822.SIZE 99)", b"OK"], 5) is None
+    assert retrievers._pop3_sizes([b"1 120", b"2 70000000", b"3 bogus"]) == {"1": 120, "2": 70000000}
