@@ -26,15 +26,15 @@ _SETID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,:@+=-]{0,127}$")
 
 
 def is_uid(value: str) -> bool:
-    return len(value) <= 64 and bool(_UID_RE.match(value))
+    return len(value) <= 64 and bool(_UID_RE.fullmatch(value))
 
 
 def is_study_id(value: str) -> bool:
-    return bool(_STUDYID_RE.match(value))
+    return bool(_STUDYID_RE.fullmatch(value))
 
 
 def is_set_id(value: str) -> bool:
-    return bool(_SETID_RE.match(value))
+    return bool(_SETID_RE.fullmatch(value))
 
 
 def new_set_id(uid_root: str = "") -> str:

@@ -32,6 +32,12 @@ BASE64_LINE_INPUT = 57
 BASE64_CHUNK = BASE64_LINE_INPUT * 1024
 #: Longest header block we accept; a real one is a few hundred bytes.
 MAX_HEADER_BLOCK = 64 * 1024
+#: Most lines in one header block (folded continuation lines count too).
+MAX_HEADER_LINES = 1000
+#: Deepest multipart nesting we walk; our mails use two levels, other senders a few more.
+MAX_DEPTH = 16
+#: Most parts (leaves and multiparts) in one entity walked: each leaf may become a file.
+MAX_PARTS = 10_000
 #: Longest line we look at as a unit; longer "lines" are read in pieces.
 MAX_LINE = 1024 * 1024
 _CRLF_ARRAY = np.frombuffer(b"\r\n", dtype=np.uint8)
@@ -147,20 +153,40 @@ class LineReader:
 def read_headers(reader: LineReader) -> Message:
     """Read a header block up to its empty line; parse it leniently."""
     block = bytearray()
+    lines = 0
     while True:
         line = reader.readline()
         if not line or line in (b"\r\n", b"\n"):
             break
         block += line
+        lines += 1
         if len(block) > MAX_HEADER_BLOCK:
             raise WireFormatError("a MIME header block is larger than 64 KiB", "the mail is malformed or hostile")
-    return _header_parser.parsebytes(bytes(block))
+        if lines > MAX_HEADER_LINES:
+            raise WireFormatError(
+                f"a MIME header block has more than {MAX_HEADER_LINES} lines", "the mail is malformed or hostile"
+            )
+    try:
+        return _header_parser.parsebytes(bytes(block))
+    except Exception as exc:  # the email package is lenient, but guard against its corner cases
+        raise WireFormatError(f"a MIME header block cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _is_multipart(headers: Message) -> bool:
+    try:
+        return headers.get_content_maintype() == "multipart"
+    except Exception as exc:  # a garbled Content-Type must not escape as anything but a format error
+        raise WireFormatError(f"a MIME part has an unreadable Content-Type ({type(exc).__name__})") from exc
 
 
 def _boundary_of(headers: Message) -> bytes:
-    boundary = headers.get_param("boundary")
+    try:
+        boundary = headers.get_param("boundary")
+        media = headers.get_content_type()
+    except Exception as exc:  # RFC 2231 parameters and odd quoting reach deep into the email package
+        raise WireFormatError(f"a multipart part has an unreadable boundary ({type(exc).__name__})") from exc
     if not isinstance(boundary, str) or not boundary or len(boundary) > 200:
-        raise WireFormatError(f"{headers.get_content_type()} part without a usable boundary")
+        raise WireFormatError(f"{media} part without a usable boundary")
     return boundary.encode("ascii", "replace")
 
 
@@ -180,10 +206,76 @@ def walk(reader: LineReader, headers: Message, handler: PartHandler, outer: tupl
 
     Leaf bodies are decoded and handed to ``handler``.  Returns the line that
     ended the body (a delimiter of an enclosing multipart) or ``None`` at the
-    end of the file.
+    end of the file.  Nesting is followed with an explicit stack, not by
+    recursion, and bounded by :data:`MAX_DEPTH` and :data:`MAX_PARTS`.
     """
-    if headers.get_content_maintype() == "multipart":
-        return _walk_multipart(reader, headers, handler, outer)
+    stack: list[_Multipart] = []
+    parts = 1
+    while True:
+        # Start one entity: a leaf is consumed whole, a multipart up to its first delimiter.
+        ended: bytes | None
+        if _is_multipart(headers):
+            if len(stack) >= MAX_DEPTH:
+                raise WireFormatError(
+                    f"MIME nested deeper than {MAX_DEPTH} levels", "the mail is malformed or hostile; it is refused"
+                )
+            frame = _Multipart(_boundary_of(headers), outer)
+            ended = _skip_preamble(reader, frame)
+            if _matches(ended, frame.inner) == frame.boundary:
+                stack.append(frame)
+        else:
+            ended = _walk_leaf(reader, headers, handler, outer)
+        # Finish entities until one of the open multiparts has another part to start.
+        while True:
+            if not stack:
+                return ended
+            frame = stack[-1]
+            if ended is None:
+                raise WireFormatError("multipart body is truncated: its closing delimiter is missing")
+            if _matches(ended, frame.inner) != frame.boundary:
+                stack.pop()  # a delimiter of an enclosing multipart ends this one too
+                continue
+            if ended.rstrip(b"\r\n \t").endswith(frame.boundary + b"--"):
+                ended = _skip_epilogue(reader, frame.outer)
+                stack.pop()
+                continue
+            parts += 1
+            if parts > MAX_PARTS:
+                raise WireFormatError(
+                    f"a MIME entity has more than {MAX_PARTS} parts", "the mail is malformed or hostile; it is refused"
+                )
+            headers = read_headers(reader)
+            outer = frame.inner
+            break
+
+
+class _Multipart:
+    """One open multipart: its boundary and the delimiters that may end one of its parts."""
+
+    def __init__(self, boundary: bytes, outer: tuple[bytes, ...]) -> None:
+        self.boundary = boundary
+        self.outer = outer
+        self.inner = (boundary, *outer)
+
+
+def _skip_preamble(reader: LineReader, frame: _Multipart) -> bytes:
+    """Skip to the first delimiter of ``frame`` (returned) or of an enclosing multipart."""
+    while True:
+        line = reader.readline()
+        if not line:
+            raise WireFormatError("multipart body ends before its first part")
+        if _matches(line, frame.inner) is not None:
+            return line
+
+
+def _skip_epilogue(reader: LineReader, outer: tuple[bytes, ...]) -> bytes | None:
+    while True:
+        line = reader.readline()
+        if not line or _matches(line, outer):
+            return line or None
+
+
+def _walk_leaf(reader: LineReader, headers: Message, handler: PartHandler, outer: tuple[bytes, ...]) -> bytes | None:
     sink = handler.open_leaf(headers)
     decoder = _decoder_for(headers, sink)
     pending_eol = b""
@@ -206,37 +298,6 @@ def walk(reader: LineReader, headers: Message, handler: PartHandler, outer: tupl
             decoder.feed(body)
     finally:
         decoder.finish()
-
-
-def _walk_multipart(
-    reader: LineReader, headers: Message, handler: PartHandler, outer: tuple[bytes, ...]
-) -> bytes | None:
-    boundary = _boundary_of(headers)
-    inner = (boundary, *outer)
-    # Preamble: skip to the first delimiter.
-    while True:
-        line = reader.readline()
-        if not line:
-            raise WireFormatError("multipart body ends before its first part")
-        hit = _matches(line, inner)
-        if hit == boundary:
-            break
-        if hit is not None:
-            return line
-    while True:
-        if line.rstrip(b"\r\n \t").endswith(boundary + b"--"):
-            # Epilogue: skip to an enclosing delimiter or the end.
-            while True:
-                line = reader.readline()
-                if not line or _matches(line, outer):
-                    return line or None
-        part_headers = read_headers(reader)
-        ended = walk(reader, part_headers, handler, inner)
-        if ended is None:
-            raise WireFormatError("multipart body is truncated: its closing delimiter is missing")
-        if _matches(ended, inner) != boundary:
-            return ended
-        line = ended
 
 
 class _Decoder:
