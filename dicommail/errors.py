@@ -86,6 +86,12 @@ class SignatureError(CryptoError):
         self.fingerprint = fingerprint
 
 
+class MisaddressedError(SignatureError):
+    """A verified set whose signed inner ``To`` names another site: someone re-encrypted it to us."""
+
+    code = "misaddressed"
+
+
 # --- wire format ------------------------------------------------------------
 
 
@@ -148,3 +154,14 @@ class DestinationError(DicommailError):
     def __init__(self, message: str, hint: str = "", temporary: bool = True) -> None:
         super().__init__(message, hint)
         self.temporary = temporary
+
+
+class UnexpectedError(DicommailError):
+    """An item failed in a way dicommail did not foresee (a bug, or input nobody thought of).
+
+    ``detail`` holds the original exception's text for the private quarantine
+    record; it may quote content from the mail, so it is never logged or sent.
+    """
+
+    code = "error"
+    detail: str = ""

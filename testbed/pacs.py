@@ -84,6 +84,10 @@ class Pacs:
             "DicomAlwaysAllowEcho": True,
             "DicomAlwaysAllowStore": True,
             "UnknownSopClassAccepted": True,
+            # dicommail's receiver (calling AE title DICOMMAIL) may also query
+            # (C-FIND, its in-flight check), from loopback only.
+            "DicomModalities": {"dicommail": {"AET": "DICOMMAIL", "Host": LOOPBACK, "Port": 104}},
+            "DicomCheckModalityHost": True,
             "Plugins": [],
             "LuaScripts": [str(lua)],
             # Jobs and thread pools sized for a test, not a hospital.

@@ -15,6 +15,7 @@ from dicommail.config import format_size, is_mail_address
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.errors import InputError
+from dicommail.receiver.daemon import own_addresses
 from dicommail.sender.packing import pack_options, sender_address
 from dicommail.wire.pack import PackedSet
 from dicommail.wire.unpack import UnpackReport, unpack_files
@@ -128,6 +129,7 @@ def unpack(app: AppContext, mails: tuple[Path, ...], out_dir: Path, as_json: boo
             out_dir,
             max_output=config.unpacking.max_decrypted_size,
             passphrase=config.passphrase(),
+            own_addresses=frozenset(own_addresses(config, keyring)),
         )
     finally:
         keyring.close()

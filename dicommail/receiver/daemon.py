@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import logging
 import os
 import signal
@@ -112,6 +113,24 @@ def _smtp_from_config(config: Config) -> ClientFactory | None:
     return factory
 
 
+def own_addresses(config: Config, keyring: Keyring) -> set[str]:
+    """This site's mail addresses: a set signed for none of them was meant for someone else."""
+    from dicommail.crypto.keys import own_key
+
+    addresses = {config.identity.address.lower()} if config.identity.address else set()
+    if "@" in config.mailbox.username:
+        addresses.add(config.mailbox.username.lower())
+    try:
+        key = own_key(keyring, config.identity.key)
+    except DicommailError:
+        return addresses
+    for user_id in key.user_ids:
+        address = email.utils.parseaddr(user_id)[1].lower()
+        if "@" in address:
+            addresses.add(address)
+    return addresses
+
+
 class Receiver:
     """Ties the stages together for one home."""
 
@@ -146,6 +165,9 @@ class Receiver:
             crash_hook=self._crash_hook,
             notifier=self.notifier,
             report_handler=self.tracker,
+            own_addresses=own_addresses(config, keyring),
+            quarantine_days=config.receiver.quarantine_days,
+            in_flight_check=config.pacs.in_flight_check != "none",
         )
         self.stop = asyncio.Event()
 
@@ -168,6 +190,13 @@ class Receiver:
             # Whatever one mail or the state database did, the loop goes on.
             report.fetch_error = TransportError(f"fetching mail failed: {exc}", "see the log; retried next cycle")
             log.error("%s", report.fetch_error.message)
+        except Exception as exc:
+            # A server answer nobody foresaw (or a bug) must not end the daemon either.
+            report.fetch_error = TransportError(
+                f"fetching mail failed unexpectedly ({type(exc).__name__})", "see the log; retried next cycle"
+            )
+            log.error("%s", report.fetch_error.message)
+            log.debug("fetch failed", exc_info=exc)
         else:
             self._crash_hook("after-fetch")
         await asyncio.to_thread(self.pipeline.run_once)

@@ -6,12 +6,19 @@ information are streamed from the spool file unchanged, so a JPEG, JPEG 2000
 or RLE image reaches the archive bit for bit as the sender's modality made
 it.  A PACS that will not take a file's own transfer syntax gets a clear
 refusal, never a silent transcode.
+
+After a crash in the middle of a C-STORE nobody knows whether the PACS kept
+the instance: ``deliver`` reports each instance right before its request goes
+out (``on_sending``) and after its success (``on_stored``), and
+``has_instance`` asks the PACS (C-FIND at IMAGE level) about the ones in
+between, so that the pipeline sends them again only where needed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import socket
@@ -29,6 +36,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from dicommail.config import Config, PacsConfig
 from dicommail.errors import ConfigError, DestinationError, InputError
@@ -44,6 +52,12 @@ MAX_CONTEXTS = 128
 
 #: The Verification SOP Class (C-ECHO).
 VERIFICATION = "1.2.840.10008.1.1"
+
+#: Study Root Query/Retrieve Information Model - FIND (the in-flight check).
+STUDY_ROOT_FIND = str(StudyRootQueryRetrieveInformationModelFind)
+
+#: C-FIND statuses (PS3.4 C.4.1.1.4): pending, with or without optional keys matched.
+_FIND_PENDING = frozenset({0xFF00, 0xFF01})
 
 #: C-STORE statuses (PS3.4 B.2.3, PS3.7 C): what we make of them.
 SUCCESS = 0x0000
@@ -235,7 +249,11 @@ class PacsDestination:
         self.config = config
         self.peer = _Peer(config)
 
-    def deliver(self, verified: VerifiedSet, done: set[str], on_stored: Callable[[str], None]) -> None:
+    def deliver(self, verified: VerifiedSet, done: set[str], on_stored: Callable[[str], None],
+                on_sending: Callable[[str], None] | None = None) -> None:
+        """C-STORE the set's instances not in ``done``: ``on_sending(uid)`` before each request, ``on_stored(uid)``
+        after each success (a warning status included)."""
+        sending = on_sending or _nothing
         others = len(verified.files) - len(verified.dicom_files) + (1 if verified.note else 0)
         if others:
             log.info("set %s: %d non-DICOM file(s) (attachments, note) are not forwarded to the PACS",
@@ -247,9 +265,10 @@ class PacsDestination:
                  self.peer.label, len({f.dicom.sop_instance_uid for f in verified.dicom_files if f.dicom} & done))
         with _send_as_stored():
             for batch in _batches(pending):
-                self._send_batch(verified.set_id, batch, on_stored)
+                self._send_batch(verified.set_id, batch, on_stored, sending)
 
-    def _send_batch(self, set_id: str, batch: list[_Instance], on_stored: Callable[[str], None]) -> None:
+    def _send_batch(self, set_id: str, batch: list[_Instance], on_stored: Callable[[str], None],
+                    on_sending: Callable[[str], None]) -> None:
         pairs = list(dict.fromkeys(item.context for item in batch))
         assoc = self.peer.associate([build_context(sop, [syntax]) for sop, syntax in pairs])
         try:
@@ -264,11 +283,70 @@ class PacsDestination:
                 if item.context not in accepted:
                     raise self._refusal(item, accepted)
             for item in batch:
+                on_sending(item.uid)
                 self._store(assoc, item)
                 on_stored(item.uid)
         finally:
             _close(assoc)
         log.info("set %s: %d instance(s) stored in %s", set_id, len(batch), self.peer.label)
+
+    def has_instance(self, study_uid: str, series_uid: str | None, sop_instance_uid: str) -> bool | None:
+        """Whether the PACS holds this instance, asked by C-FIND at IMAGE level (Study Root).
+
+        True: found; False: the PACS answered and has no such instance; None:
+        no answer to be had -- ``pacs.in_flight_check = "none"``, the PACS
+        unreachable, refusing the association or the query model, aborting, or
+        answering with a failure status.  Never raises.
+        """
+        if self.config.in_flight_check == "none":
+            return None
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        if series_uid:
+            query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = sop_instance_uid
+        where = f"the PACS {self.peer.label}"
+        try:
+            assoc = self.peer.associate([build_context(STUDY_ROOT_FIND)])
+        except DestinationError as exc:
+            log.warning("cannot ask %s whether it stored an instance: %s", where, exc.message)
+            return None
+        try:
+            if not assoc.accepted_contexts:
+                log.warning("%s does not offer C-FIND (Study Root, IMAGE level) to %s: cannot tell whether it "
+                            "stored an instance", where, self.config.calling_aet)
+                return None
+            return self._find(assoc, query, where)
+        finally:
+            _close(assoc)
+
+    def _find(self, assoc: Association, query: Dataset, where: str) -> bool | None:
+        wanted = str(query.SOPInstanceUID)
+        found = unclear = False
+        try:
+            responses = list(assoc.send_c_find(query, STUDY_ROOT_FIND))
+        except (RuntimeError, ValueError) as exc:  # the association ended, or the query could not be encoded
+            log.warning("the C-FIND to %s failed (%s)", where, type(exc).__name__)
+            return None
+        for status, identifier in responses:
+            if "Status" not in status:
+                log.warning("%s gave no answer to the C-FIND within %d s or dropped the association", where,
+                            self.config.timeout)
+                return None
+            code = int(status.Status)
+            if code in _FIND_PENDING:
+                uid = identifier.get("SOPInstanceUID") if identifier is not None else None
+                if uid is None:
+                    unclear = True  # a match without its UID: no telling which instance it is
+                elif str(uid) == wanted:
+                    found = True
+            elif code != SUCCESS:
+                log.warning("%s answered the C-FIND with status 0x%04X", where, code)
+                return None
+        if found:
+            return True
+        return None if unclear else False
 
     def _refusal(self, item: _Instance, accepted: set[tuple[str, str]]) -> DestinationError:
         others = sorted(_uid_name(syntax) for sop, syntax in accepted if sop == item.sop_class)
@@ -333,6 +411,10 @@ class PacsDestination:
             "see the PACS's log for this SOP Instance UID",
             temporary=False,
         )
+
+
+def _nothing(_uid: str) -> None:
+    pass
 
 
 def _describe_status(code: int) -> str:
@@ -409,12 +491,17 @@ class FolderDestination:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def deliver(self, verified: VerifiedSet, done: set[str], on_stored: Callable[[str], None]) -> None:
-        final = self.folder / verified.set_id
+    def deliver(self, verified: VerifiedSet, done: set[str], on_stored: Callable[[str], None],
+                on_sending: Callable[[str], None] | None = None) -> None:
+        final = self.folder / self._folder_name(verified)
         if final.exists():
             # Renamed into place only when complete: an earlier run delivered it.
             log.info("set %s is already in the destination folder", verified.set_id)
         else:
+            if on_sending is not None:
+                pending = {f.dicom.sop_instance_uid for f in verified.dicom_files if f.dicom} - done
+                for uid in sorted(pending):
+                    on_sending(uid)
             self._write(verified)
             log.info("set %s written to the destination folder (%d DICOM files)", verified.set_id,
                      len(verified.dicom_files))
@@ -423,6 +510,41 @@ class FolderDestination:
             if item.dicom is not None and item.dicom.sop_instance_uid not in reported:
                 reported.add(item.dicom.sop_instance_uid)
                 on_stored(item.dicom.sop_instance_uid)
+
+    def has_instance(self, study_uid: str, series_uid: str | None, sop_instance_uid: str) -> bool | None:
+        """Whether a set in the folder holds this instance (by its receipt, the file present); never raises."""
+        del series_uid  # receipts name study and instance only
+        try:
+            receipts = sorted(self.folder.glob("*/dicommail-set.json"))
+        except OSError:
+            return None
+        for receipt in receipts:
+            try:
+                content = json.loads(receipt.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # not ours, or being removed by someone: the next one
+            if not isinstance(content, dict) or content.get("study_instance_uid") != study_uid:
+                continue
+            for entry in content.get("files") or []:
+                if (isinstance(entry, dict) and entry.get("sop_instance_uid") == sop_instance_uid
+                        and isinstance(entry.get("name"), str) and (receipt.parent / entry["name"]).is_file()):
+                    return True
+        return False
+
+    def _folder_name(self, verified: VerifiedSet) -> str:
+        """``<set id>``, or ``<set id>.<signer key id>`` where another signer's set of that ID is there already.
+
+        A set belongs to its signer: two peers may use the same set ID, and
+        neither set may stand in for the other.
+        """
+        plain = self.folder / verified.set_id
+        try:
+            receipt = json.loads((plain / "dicommail-set.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return verified.set_id
+        if isinstance(receipt, dict) and receipt.get("signer") not in (None, verified.signer.fingerprint):
+            return f"{verified.set_id}.{verified.signer.fingerprint[-16:]}"
+        return verified.set_id
 
     def _write(self, verified: VerifiedSet) -> None:
         hint = f"check free space and write permission in {self.folder}; the set is tried again later"
@@ -437,9 +559,9 @@ class FolderDestination:
                     shutil.copyfile(item.path, copy)
                     copies.append(dataclasses.replace(item, path=copy))
                 shadow = dataclasses.replace(verified, files=copies, warnings=list(verified.warnings))
-                write_set(shadow, self.folder)
+                write_set(shadow, self.folder, self._folder_name(verified))
         except InputError as exc:
-            if (self.folder / verified.set_id).exists():
+            if (self.folder / self._folder_name(verified)).exists():
                 return  # written concurrently by another run: delivered
             raise DestinationError(exc.message, exc.hint, temporary=False) from exc
         except OSError as exc:

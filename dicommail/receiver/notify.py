@@ -105,10 +105,12 @@ class Notifier:
         *,
         recipient: str | None,
         original_message_id: str,
+        set_ref: int | None = None,
     ) -> None:
         """One row per method for ``recipient``; one held row (no method) while it is unknown."""
         values = {
             "set_id": report.set_id,
+            "set_ref": set_ref,
             "set_part": report.set_part,
             "set_total": report.set_total,
             "scope": report.scope,
@@ -129,10 +131,11 @@ class Notifier:
                 method: str | None, status: str) -> None:
         domain = self._sender or "dicommail.invalid"
         conn.execute(
-            """INSERT OR IGNORE INTO notifications (event, set_id, set_part, set_total, scope, outcome, reason,
-                   missing_parts, report, recipient, method, original_message_id, message_id, status, created_at)
-               VALUES (:event, :set_id, :set_part, :set_total, :scope, :outcome, :reason, :missing_parts, :report,
-                   :recipient, :method, :original_message_id, :message_id, :status, :created_at)""",
+            """INSERT OR IGNORE INTO notifications (event, set_id, set_ref, set_part, set_total, scope, outcome,
+                   reason, missing_parts, report, recipient, method, original_message_id, message_id, status,
+                   created_at)
+               VALUES (:event, :set_id, :set_ref, :set_part, :set_total, :scope, :outcome, :reason, :missing_parts,
+                   :report, :recipient, :method, :original_message_id, :message_id, :status, :created_at)""",
             {**values, "event": event, "recipient": recipient, "method": method, "status": status,
              "message_id": h.new_message_id(domain)},
         )
@@ -141,46 +144,52 @@ class Notifier:
         method = self.config.notification_for(recipient)
         return ["pgp", "rfc"] if method == "both" else [method]
 
-    def _signer_address(self, conn: sqlite3.Connection, set_id: str) -> str | None:
-        row = conn.execute("SELECT sender FROM inbound_sets WHERE set_id = ?", (set_id,)).fetchone()
+    @staticmethod
+    def _signer_address(conn: sqlite3.Connection, set_ref: int) -> str | None:
+        """The certified address the pipeline recorded for the set's signer (see ``Pipeline._reply_address``)."""
+        row = conn.execute("SELECT sender FROM inbound_sets WHERE id = ?", (set_ref,)).fetchone()
         return address_of(row[0] or "") or None if row is not None else None
 
     @staticmethod
-    def _part_verified(conn: sqlite3.Connection, set_id: str, set_part: int) -> bool:
-        return conn.execute("SELECT 1 FROM inbound_parts WHERE set_id = ? AND set_part = ?",
-                            (set_id, set_part)).fetchone() is not None
+    def _part_verified(conn: sqlite3.Connection, set_ref: int, set_part: int) -> bool:
+        return conn.execute("SELECT 1 FROM inbound_parts WHERE set_ref = ? AND set_part = ?",
+                            (set_ref, set_part)).fetchone() is not None
 
-    def on_part_verified(self, conn: sqlite3.Connection, part: ReceivedPart) -> None:
-        """A set part passed decryption and the trust rule: acknowledge it, release held errors."""
-        recipient = address_of(part.signer.user_id)
+    def on_part_verified(self, conn: sqlite3.Connection, part: ReceivedPart, set_ref: int,
+                         recipient: str | None) -> None:
+        """A set part passed decryption and the trust rule: acknowledge it, release held errors.
+
+        ``recipient``: a certified user ID's address of the signing key (never a header).
+        """
         if not recipient:
-            log.warning("set %s: the signer's key has no mail address; no acknowledgements are sent", part.set_id)
+            log.warning("set %s: the signer's key has no certified mail address; no acknowledgements are sent",
+                        part.set_id)
             return
         report = n.StatusReport(
             scope=n.PART, set_id=part.set_id, set_part=part.set_part, set_total=part.set_total,
             status="verified", outcome=n.SUCCESS, reported_at=iso(self.now()),
         )
-        self._record(conn, f"{part.set_id}/part/{part.set_part}/verified", report, recipient=recipient,
-                     original_message_id=part.message_id)
+        self._record(conn, f"{set_ref}/part/{part.set_part}/verified", report, recipient=recipient,
+                     original_message_id=part.message_id, set_ref=set_ref)
         # An error about this part is moot now that a good copy arrived.
         conn.execute(
-            "UPDATE notifications SET status = ? WHERE set_id = ? AND set_part = ? AND scope = ? "
-            "AND outcome IN (?, ?) AND status IN (?, ?)",
-            (SUPERSEDED, part.set_id, part.set_part, n.PART, n.ERROR, n.FATAL, HELD, PENDING),
+            "UPDATE notifications SET status = ? WHERE set_id = ? AND (set_ref = ? OR set_ref IS NULL) "
+            "AND set_part = ? AND scope = ? AND outcome IN (?, ?) AND status IN (?, ?)",
+            (SUPERSEDED, part.set_id, set_ref, part.set_part, n.PART, n.ERROR, n.FATAL, HELD, PENDING),
         )
         held = conn.execute(
             "SELECT * FROM notifications WHERE set_id = ? AND status = ?", (part.set_id, HELD)
         ).fetchall()
         for row in held:
             if row["scope"] == n.PART and row["set_part"] is not None and self._part_verified(
-                    conn, part.set_id, row["set_part"]):
+                    conn, set_ref, row["set_part"]):
                 # A good copy of that part arrived meanwhile: the error (perhaps about a forgery) is moot.
                 conn.execute("UPDATE notifications SET status = ? WHERE id = ?", (SUPERSEDED, row["id"]))
                 continue
             conn.execute("DELETE FROM notifications WHERE id = ?", (row["id"],))
             report_row = n.StatusReport.from_json(row["report"].encode())
             self._record(conn, row["event"], report_row, recipient=recipient,
-                         original_message_id=row["original_message_id"] or "")
+                         original_message_id=row["original_message_id"] or "", set_ref=set_ref)
             log.info("set %s: held error notification for part %s released to the set's signer",
                      part.set_id, row["set_part"])
 
@@ -195,11 +204,13 @@ class Notifier:
         if not set_id or not h.is_set_id(set_id) or not set_part:
             log.info("mail %s failed and names no set part: nothing is reported back", first["id"])
             return
-        total_row = conn.execute("SELECT set_total FROM inbound_sets WHERE set_id = ?", (set_id,)).fetchone()
-        set_total = total_row[0] if total_row is not None else None
+        # The set ID comes from an unsigned header: it may name the sets of several signers.
+        sets = conn.execute("SELECT id, set_total FROM inbound_sets WHERE set_id = ?", (set_id,)).fetchall()
+        set_ref = sets[0]["id"] if len(sets) == 1 else None
+        set_total = sets[0]["set_total"] if len(sets) == 1 else None
         if set_total is not None and not 1 <= set_part <= set_total:
             return
-        if self._part_verified(conn, set_id, set_part):
+        if any(self._part_verified(conn, row["id"], set_part) for row in sets):
             log.info("mail %s failed, but part %d of set %s was verified already: nothing is reported back",
                      first["id"], set_part, set_id)
             return
@@ -207,43 +218,43 @@ class Notifier:
             scope=n.PART, set_id=set_id, set_part=set_part, set_total=set_total, status="failed",
             outcome=n.ERROR, reason=reason_code(error), reported_at=iso(self.now()),
         )
-        recipient = self._signer_address(conn, set_id)
+        recipient = self._signer_address(conn, set_ref) if set_ref is not None else None
         # The set and part of a mail that failed come from headers nobody vouches for: one error report per
         # set part at most (the event key), so a flood of forged mails cannot use up the sender's resends.
         self._record(conn, f"{set_id}/part/{set_part}/failed", report, recipient=recipient,
-                     original_message_id=first["message_id"] or "")
+                     original_message_id=first["message_id"] or "", set_ref=set_ref if recipient else None)
         if recipient is None:
             log.info("set %s part %d failed (%s); the error is held until a part of the set is verified",
                      set_id, set_part, report.reason)
 
-    def on_set_verified(self, conn: sqlite3.Connection, set_id: str) -> None:
+    def on_set_verified(self, conn: sqlite3.Connection, set_ref: int) -> None:
         conn.execute(
-            "INSERT INTO set_tracking (set_id, verified_at) VALUES (?, ?) "
-            "ON CONFLICT (set_id) DO UPDATE SET verified_at = excluded.verified_at",
-            (set_id, self.now()),
+            "INSERT INTO set_tracking (set_ref, verified_at) VALUES (?, ?) "
+            "ON CONFLICT (set_ref) DO UPDATE SET verified_at = excluded.verified_at",
+            (set_ref, self.now()),
         )
 
-    def on_parts_missing(self, conn: sqlite3.Connection, set_id: str, missing: list[int]) -> bool:
+    def on_parts_missing(self, conn: sqlite3.Connection, set_ref: int, missing: list[int]) -> bool:
         """The set timed out with parts missing: ask for them once.  True if it may wait again."""
-        row = conn.execute("SELECT missing_reported_at FROM set_tracking WHERE set_id = ?", (set_id,)).fetchone()
+        row = conn.execute("SELECT missing_reported_at FROM set_tracking WHERE set_ref = ?", (set_ref,)).fetchone()
         if row is not None and row[0] is not None:
             return False
         conn.execute(
-            "INSERT INTO set_tracking (set_id, missing_reported_at) VALUES (?, ?) "
-            "ON CONFLICT (set_id) DO UPDATE SET missing_reported_at = excluded.missing_reported_at",
-            (set_id, self.now()),
+            "INSERT INTO set_tracking (set_ref, missing_reported_at) VALUES (?, ?) "
+            "ON CONFLICT (set_ref) DO UPDATE SET missing_reported_at = excluded.missing_reported_at",
+            (set_ref, self.now()),
         )
-        report = self._set_report(conn, set_id, "incomplete", n.ERROR, reason="parts-missing", missing=missing)
-        self._record(conn, f"{set_id}/set/missing", report, recipient=self._signer_address(conn, set_id),
-                     original_message_id=self._first_message_id(conn, set_id))
-        log.info("set %s: %d part(s) missing after the timeout; the sender is asked to resend them", set_id,
+        report = self._set_report(conn, set_ref, "incomplete", n.ERROR, reason="parts-missing", missing=missing)
+        self._record(conn, f"{set_ref}/set/missing", report, recipient=self._signer_address(conn, set_ref),
+                     original_message_id=self._first_message_id(conn, set_ref), set_ref=set_ref)
+        log.info("set %s: %d part(s) missing after the timeout; the sender is asked to resend them", report.set_id,
                  len(missing))
         return True
 
     def on_set_finished(
         self,
         conn: sqlite3.Connection,
-        set_id: str,
+        set_ref: int,
         status: str,
         error: DicommailError | None = None,
         *,
@@ -256,38 +267,40 @@ class Notifier:
             return
         if status == "delivered":
             outcome = n.WARNING if warnings else n.SUCCESS
-            report = self._set_report(conn, set_id, status, outcome, files=files, dicom_instances=dicom_instances)
+            report = self._set_report(conn, set_ref, status, outcome, files=files, dicom_instances=dicom_instances)
             if warnings:
                 report.message = f"{warnings} warning(s) while verifying; see the receiving site's log"
         else:
             missing = error.missing_parts if isinstance(error, IncompleteSetError) else []
             reason = reason_code(error) if error is not None else "error"
-            report = self._set_report(conn, set_id, status, n.FATAL, reason=reason, missing=missing)
-        self._record(conn, f"{set_id}/set/final", report, recipient=self._signer_address(conn, set_id),
-                     original_message_id=self._first_message_id(conn, set_id))
+            report = self._set_report(conn, set_ref, status, n.FATAL, reason=reason, missing=missing)
+        self._record(conn, f"{set_ref}/set/final", report, recipient=self._signer_address(conn, set_ref),
+                     original_message_id=self._first_message_id(conn, set_ref), set_ref=set_ref)
 
-    def _first_message_id(self, conn: sqlite3.Connection, set_id: str) -> str:
+    def _first_message_id(self, conn: sqlite3.Connection, set_ref: int) -> str:
         row = conn.execute(
-            "SELECT message_id FROM inbound_mails WHERE set_id = ? AND status = 'processed' "
+            "SELECT message_id FROM inbound_mails WHERE set_ref = ? AND status = 'processed' "
             "ORDER BY set_part, id LIMIT 1",
-            (set_id,),
+            (set_ref,),
         ).fetchone()
         return str(row[0] or "") if row is not None else ""
 
-    def _set_report(self, conn: sqlite3.Connection, set_id: str, status: str, outcome: str, *,
+    def _set_report(self, conn: sqlite3.Connection, set_ref: int, status: str, outcome: str, *,
                     reason: str | None = None, missing: list[int] | None = None, files: int | None = None,
                     dicom_instances: int | None = None) -> n.StatusReport:
-        info = conn.execute("SELECT set_total, first_seen_at FROM inbound_sets WHERE set_id = ?", (set_id,)).fetchone()
+        info = conn.execute("SELECT set_id, set_total, first_seen_at FROM inbound_sets WHERE id = ?",
+                            (set_ref,)).fetchone()
         first = conn.execute(
-            "SELECT MIN(received_at) FROM inbound_mails WHERE set_id = ? AND kind IN (?, ?)",
-            (set_id, inbox.DICOM_MAIL, inbox.FRAGMENT),
+            "SELECT MIN(received_at) FROM inbound_mails WHERE set_ref = ? AND kind IN (?, ?)",
+            (set_ref, inbox.DICOM_MAIL, inbox.FRAGMENT),
         ).fetchone()[0]
-        tracking = conn.execute("SELECT verified_at FROM set_tracking WHERE set_id = ?", (set_id,)).fetchone()
-        parts = conn.execute("SELECT COUNT(*) FROM inbound_parts WHERE set_id = ?", (set_id,)).fetchone()[0]
-        forwarded = conn.execute("SELECT COUNT(*) FROM forwarded_instances WHERE set_id = ?", (set_id,)).fetchone()[0]
+        tracking = conn.execute("SELECT verified_at FROM set_tracking WHERE set_ref = ?", (set_ref,)).fetchone()
+        parts = conn.execute("SELECT COUNT(*) FROM inbound_parts WHERE set_ref = ?", (set_ref,)).fetchone()[0]
+        forwarded = conn.execute("SELECT COUNT(*) FROM forwarded_instances WHERE set_ref = ? AND state = 'stored'",
+                                 (set_ref,)).fetchone()[0]
         return n.StatusReport(
             scope=n.SET,
-            set_id=set_id,
+            set_id=info["set_id"] if info is not None else "",
             set_total=info["set_total"] if info is not None else None,
             status=status,
             outcome=outcome,

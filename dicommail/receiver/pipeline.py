@@ -9,51 +9,91 @@ repeated (a part that exists already, an instance already forwarded).
     set part --(all parts there, manifest checks)--> complete set
     --(destination)--> delivered set
 
-Whatever cannot be processed is copied to the quarantine with its reason.
+Every mail is hostile until verified.  Whatever goes wrong with one item (a
+mail, a fragment group, a set, an instance), whatever the exception, ends
+with that item quarantined with its reason and its plaintext removed; the
+next item is processed as usual.  Only failures of the machine itself (disk
+full, the state database locked or damaged) stop a round, and the round is
+repeated next cycle.
+
+A set belongs to its signer: sets are keyed by (signer fingerprint, set ID),
+so a certified peer that reuses another peer's set ID makes a set of its own.
 """
 
 from __future__ import annotations
 
+import email.utils
+import errno
+import hashlib
 import json
 import logging
 import shutil
 import sqlite3
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import datetime
+from functools import partial
+from itertools import islice, product
 from pathlib import Path
 from typing import Any, Protocol
 
 from dicommail.crypto.gpg import Keyring, Verification
+from dicommail.crypto.keys import find_key
 from dicommail.dicom import DicomFile
-from dicommail.errors import DestinationError, DicommailError, IncompleteSetError, WireFormatError
+from dicommail.errors import (
+    ConfigError,
+    DestinationError,
+    DicommailError,
+    IncompleteSetError,
+    MisaddressedError,
+    PassphraseError,
+    UnexpectedError,
+    WireFormatError,
+)
 from dicommail.receiver.inbox import DICOM_MAIL, FRAGMENT, REPORT
 from dicommail.receiver.notify import Notifier
 from dicommail.receiver.spool import Spool
-from dicommail.store.db import Database, now
+from dicommail.store.db import Database, StateError, now
 from dicommail.store.files import atomic_writer, fsync_dir
 from dicommail.wire.manifest import Manifest
 from dicommail.wire.notifications import ReceivedReport, open_report
 from dicommail.wire.partial import FragmentInfo, format_ranges, join_fragments
-from dicommail.wire.unpack import ReceivedFile, ReceivedPart, VerifiedSet, open_mail, verify_set
+from dicommail.wire.unpack import ReceivedFile, ReceivedPart, VerifiedSet, open_mail, read_envelope, verify_set
 
 log = logging.getLogger("dicommail.receiver")
 
 #: Backoff between forwarding attempts: doubles up to this many seconds.
 MAX_BACKOFF = 1800.0
+#: Combinations of fragment candidates tried per group and cycle (forged duplicates make more).
+MAX_FRAGMENT_COMBINATIONS = 16
+#: errno values that mean the machine, not the mail, is at fault: the round stops and is repeated.
+_MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE,
+                             errno.ENFILE})
 
 
 class Destination(Protocol):
     """Where verified studies go (the PACS, or a folder)."""
 
-    def deliver(self, verified: VerifiedSet, done: set[str], on_stored: Callable[[str], None]) -> None:
+    def deliver(
+        self,
+        verified: VerifiedSet,
+        done: set[str],
+        on_stored: Callable[[str], None],
+        on_sending: Callable[[str], None] | None = None,
+    ) -> None:
         """Deliver the DICOM files of ``verified`` whose SOP Instance UID is not in ``done``.
 
-        Calls ``on_stored(sop_instance_uid)`` after each instance the
-        destination has accepted, so that a rerun does not send it again.
-        Raises :class:`DestinationError` (``temporary`` or not) on failure.
+        Calls ``on_sending(uid)`` right before an instance goes out and
+        ``on_stored(uid)`` after the destination accepted it, so that a rerun
+        neither loses nor repeats it.  Raises :class:`DestinationError`
+        (``temporary`` or not) on failure.
         """
+        ...
+
+    def has_instance(self, study_uid: str, series_uid: str | None, sop_instance_uid: str) -> bool | None:
+        """Whether the destination holds the instance already; ``None`` if it cannot tell."""
         ...
 
 
@@ -63,6 +103,42 @@ class ReportHandler(Protocol):
     def on_report(self, mail_id: int, received: ReceivedReport) -> None:
         """Act on (or ignore) one notification; must be idempotent per ``mail_id``."""
         ...
+
+
+def is_machine_failure(exc: BaseException) -> bool:
+    """True for failures of this site (disk full, database locked, a wrong passphrase), not of one item.
+
+    They stop the round, which is repeated next cycle: quarantining every
+    mail because our own passphrase file is wrong would cost studies.
+    """
+    if isinstance(exc, PassphraseError | ConfigError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _MACHINE_ERRNOS
+    return isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError | StateError) and not isinstance(
+        exc, sqlite3.IntegrityError
+    )
+
+
+def as_item_error(exc: BaseException) -> DicommailError:
+    """The error an item is quarantined with: dicommail's own, or a generic one naming only the exception type.
+
+    The text of a foreign exception may quote content from the mail (a file
+    name, a DICOM value), so it goes into the private quarantine record only.
+    """
+    if isinstance(exc, DicommailError):
+        return exc
+    error = UnexpectedError(
+        f"processing failed unexpectedly ({type(exc).__name__})",
+        "the item is kept in the quarantine; report it to the dicommail maintainers if it recurs",
+    )
+    error.detail = f"{type(exc).__name__}: {str(exc)[:2000]}"
+    return error
+
+
+def set_key(signer: str, set_id: str) -> str:
+    """The spool directory name of one signer's set: path-safe whatever the set ID holds."""
+    return hashlib.sha256(f"{signer}\0{set_id}".encode()).hexdigest()[:32]
 
 
 class Pipeline:
@@ -81,6 +157,9 @@ class Pipeline:
         crash_hook: Callable[[str], None] | None = None,
         notifier: Notifier | None = None,
         report_handler: ReportHandler | None = None,
+        own_addresses: Iterable[str] = (),
+        quarantine_days: float = 30.0,
+        in_flight_check: bool = True,
     ) -> None:
         self.db = db
         # Acknowledgements back to senders (None: none are recorded), and notifications that arrive here.
@@ -94,25 +173,78 @@ class Pipeline:
         self.set_timeout = set_timeout
         self.retry_interval = retry_interval
         self.retry_limit = retry_limit
+        #: This site's addresses: a set whose signed inner To names none of them was meant for someone else.
+        self.own_addresses = frozenset(a.lower() for a in own_addresses if a)
+        self.quarantine_days = quarantine_days
+        self.in_flight_check = in_flight_check
         # Fault-injection point for the crash tests: called with a step name.
         self._crash_hook = crash_hook or (lambda _step: None)
+        self._recovered = False
 
     def run_once(self) -> None:
         """Do all work that is ready: decrypt stored mails, complete sets, forward, expire.
 
-        A file-system failure (disk full) stops this round but loses nothing:
-        the interrupted step is repeated next time.
+        A failure of the machine (disk full, database locked) stops this round
+        but loses nothing: the interrupted step is repeated next time.
         """
-        for stage in (self.process_stored, self.complete_sets, self.forward_ready, self.expire_sets):
+        stages = (self.recover, self.process_stored, self.complete_sets, self.forward_ready, self.expire_sets,
+                  self.expire_fragments, self.expire_quarantine)
+        for stage in stages:
             try:
                 stage()
             except OSError as exc:
                 log.error("%s stopped: %s (%s); it is retried in the next cycle", stage.__name__,
                           exc.strerror or exc, exc.filename or "-")
                 return
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, StateError) as exc:
                 log.error("%s stopped: state database error %s; it is retried in the next cycle", stage.__name__, exc)
                 return
+            except (PassphraseError, ConfigError) as exc:
+                log.error("%s stopped: %s (%s); mails wait and are retried in the next cycle", stage.__name__,
+                          exc.message, exc.hint)
+                return
+            except Exception as exc:
+                # A fault outside any one item (a bug): the other stages still run, the daemon lives on.
+                log.error("%s failed unexpectedly (%s); it is retried in the next cycle", stage.__name__,
+                          type(exc).__name__)
+                log.debug("%s failed", stage.__name__, exc_info=exc)
+
+    def _guarded(self, action: Callable[[], None], on_error: Callable[[DicommailError], None], what: str) -> None:
+        """Run one item's step; any failure but the machine's quarantines the item (through ``on_error``)."""
+        try:
+            action()
+        except Exception as exc:
+            if is_machine_failure(exc):
+                raise
+            error = as_item_error(exc)
+            if not isinstance(exc, DicommailError):
+                log.debug("%s failed", what, exc_info=exc)
+            on_error(error)
+
+    # -- restart: orphans of a crash ---------------------------------------------------------
+
+    def recover(self) -> None:
+        """Once per process: remove what a crash left (work directories, temporary files, loose parts).
+
+        Work directories hold decrypted DICOM: patient data must not stay in
+        plaintext where nothing will ever process it.
+        """
+        if self._recovered:
+            return
+        removed = self.spool.sweep_orphans()
+        known = {r["directory"] for r in self.db.query("SELECT directory FROM inbound_parts")}
+        for set_dir in list(self.spool.parts.iterdir()):
+            if not set_dir.is_dir():
+                continue
+            for part_dir in list(set_dir.iterdir()):
+                if str(part_dir) not in known:
+                    shutil.rmtree(part_dir, ignore_errors=True)
+                    removed += 1
+            if not any(set_dir.iterdir()):
+                set_dir.rmdir()
+        if removed:
+            log.info("removed %d item(s) a crash left in the spool", removed)
+        self._recovered = True
 
     # -- stored mails -> parts -----------------------------------------------------
 
@@ -120,24 +252,30 @@ class Pipeline:
         rows = self.db.query(
             "SELECT * FROM inbound_mails WHERE status = 'stored' AND kind IN (?, ?) ORDER BY id", (DICOM_MAIL, FRAGMENT)
         )
-        fragments: dict[str, list[Any]] = {}
+        fragments: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
             if row["kind"] == FRAGMENT:
-                if row["fragment_id"] is None:
-                    self._quarantine_mails(
-                        [row], WireFormatError("a message/partial fragment with a malformed header")
-                    )
-                else:
-                    fragments.setdefault(row["fragment_id"], []).append(row)
+                self._guarded(partial(self._group_fragment, row, fragments), partial(self._quarantine_mails, [row]),
+                              f"mail {row['id']}")
                 continue
-            self._open(Path(row["spool_path"]), [row])
-        for fragment_id, members in fragments.items():
-            self._join(fragment_id, members)
+            self._guarded(partial(self._open, Path(row["spool_path"]), [row]), partial(self._quarantine_mails, [row]),
+                          f"mail {row['id']}")
+        for (sender, fragment_id), members in fragments.items():
+            self._guarded(partial(self._join, sender, fragment_id, members), partial(self._quarantine_mails, members),
+                          f"fragments of mail {members[0]['id']}")
         if self.report_handler is not None:
             for row in self.db.query(
                 "SELECT * FROM inbound_mails WHERE status = 'stored' AND kind = ? ORDER BY id", (REPORT,)
             ):
-                self._report(row)
+                self._guarded(partial(self._report, row), partial(self._quarantine_mails, [row]), f"mail {row['id']}")
+
+    def _group_fragment(self, row: Any, groups: dict[tuple[str, str], list[Any]]) -> None:
+        if row["fragment_id"] is None:
+            raise WireFormatError("a message/partial fragment with a malformed header")
+        # Fragments are unauthenticated: two senders may use the same id (a TeWePo id is a
+        # millisecond timestamp), so they are grouped by the (unverified) sender address too.
+        sender = read_envelope(Path(row["spool_path"])).sender_address
+        groups.setdefault((sender, row["fragment_id"]), []).append(row)
 
     def _report(self, row: Any) -> None:
         """A notification: decrypt and check it (PGP/MIME) or parse it (plain MDN), then hand it on."""
@@ -145,9 +283,6 @@ class Pipeline:
         work = self.spool.work / uuid.uuid4().hex
         try:
             received = open_report(Path(row["spool_path"]), self.keyring, work, passphrase=self.passphrase)
-        except DicommailError as exc:
-            self._quarantine_mails([row], exc)
-            return
         finally:
             shutil.rmtree(work, ignore_errors=True)
         self.report_handler.on_report(row["id"], received)
@@ -155,45 +290,111 @@ class Pipeline:
             conn.execute("UPDATE inbound_mails SET status = 'processed', processed_at = ?, set_id = ? WHERE id = ?",
                          (now(), received.notification.set_id[:128] or None, row["id"]))
 
-    def _join(self, fragment_id: str, members: list[Any]) -> None:
-        total = next((m["fragment_total"] for m in members if m["fragment_total"]), None)
-        numbers = {m["fragment_number"] for m in members}
-        if total is None or any(n not in numbers for n in range(1, total + 1)):
+    def _join(self, sender: str, fragment_id: str, members: list[Any]) -> None:
+        """Reassemble one group of fragments; forged candidates must not block the genuine mail.
+
+        Each number may have several candidates (a forgery, a resend).  The
+        combinations are tried until one reassembles, decrypts and verifies;
+        the group waits for more fragments (or expires) if none does.
+        """
+        group = self.db.query("SELECT * FROM fragment_groups WHERE sender = ? AND fragment_id = ?",
+                              (sender, fragment_id))
+        newest = max(m["id"] for m in members)
+        if group and group[0]["tried_upto"] >= newest:
+            return  # these candidates failed before; wait for new ones
+        by_number: dict[int, list[Any]] = {}
+        for member in members:
+            by_number.setdefault(member["fragment_number"], []).append(member)
+        totals = sorted({m["fragment_total"] for m in members if m["fragment_total"]})
+        last_error: DicommailError | None = None
+        tried = False
+        for total in totals:
+            if any(n not in by_number for n in range(1, total + 1)):
+                continue
+            choices = [by_number[n] for n in range(1, total + 1)]
+            for combination in islice(product(*choices), MAX_FRAGMENT_COMBINATIONS):
+                tried = True
+                error = self._try_fragments(fragment_id, list(combination))
+                if error is None:
+                    used = {m["id"] for m in combination}
+                    self._discard_candidates([m for m in members if m["id"] not in used])
+                    with self.db.transaction() as conn:
+                        conn.execute("DELETE FROM fragment_groups WHERE sender = ? AND fragment_id = ?",
+                                     (sender, fragment_id))
+                    return
+                last_error = error
+        if not tried:
             return  # wait for the rest; expiry reports it if it never comes
-        joined = self.spool.inbox / f"joined-{uuid.uuid4().hex}.eml"
+        assert last_error is not None
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO fragment_groups (sender, fragment_id, tried_upto, last_error) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (sender, fragment_id) DO UPDATE SET tried_upto = excluded.tried_upto, "
+                "last_error = excluded.last_error",
+                (sender, fragment_id, newest, f"{last_error.code}: {last_error.message}"),
+            )
+        log.warning("fragments of mail %d did not reassemble into a verified mail (%s); waiting for more "
+                    "fragments until they expire", members[0]["id"], last_error.message)
+
+    def _try_fragments(self, fragment_id: str, chosen: list[Any]) -> DicommailError | None:
+        """Join and open one combination of fragments; the error if it does not verify."""
+        joined = self.spool.work / f"joined-{uuid.uuid4().hex}.eml"
         try:
             join_fragments(
                 [(FragmentInfo(fragment_id, m["fragment_number"], m["fragment_total"]), Path(m["spool_path"]))
-                 for m in members],
+                 for m in chosen],
                 joined,
             )
-        except DicommailError as exc:
-            self._quarantine_mails(members, exc)
+            self._open(joined, chosen)
+        except Exception as exc:
+            if is_machine_failure(exc):
+                raise
+            return as_item_error(exc)
+        finally:
+            joined.unlink(missing_ok=True)
+        log.info("joined %d fragments of one mail", len(chosen))
+        return None
+
+    def _discard_candidates(self, rows: list[Any]) -> None:
+        """Fragments of a group that reassembled without them: forgeries or duplicates."""
+        if not rows:
             return
-        log.info("joined %d fragments of one mail", total)
-        self._open(joined, members)
-        joined.unlink(missing_ok=True)
+        self._quarantine_mails(rows, WireFormatError(
+            "a message/partial fragment was not needed: the mail reassembled and verified without it",
+            "nothing to do unless it recurs: it is a duplicate or a forgery",
+        ), notify=False)
 
     def _open(self, path: Path, rows: list[Any]) -> None:
+        """Decrypt, verify and decode one whole mail; record it as a part of its signer's set."""
         work = self.spool.work / uuid.uuid4().hex
         try:
             part = open_mail(path, self.keyring, work, max_output=self.max_output, passphrase=self.passphrase)
-        except DicommailError as exc:
+            self._check_recipient(part)
+            self._crash_hook("after-decrypt")
+            self._store_part(part, work, rows)
+        finally:
+            # Decrypted files stay only inside the part directory a committed row points to.
             shutil.rmtree(work, ignore_errors=True)
-            self._quarantine_mails(rows, exc)
+
+    def _check_recipient(self, part: ReceivedPart) -> None:
+        if part.recipients is None or not self.own_addresses:
             return
-        except OSError:
-            # Not the mail's fault (disk full): leave it stored for the next cycle.
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        self._crash_hook("after-decrypt")
-        target = self.spool.part_dir(part.set_id, part.set_part)
+        if not self.own_addresses.intersection(part.recipients):
+            raise MisaddressedError(
+                f"set {part.set_id} part {part.set_part} was signed for another recipient, not for this site",
+                "someone re-encrypted another site's set to us; nothing is forwarded or acknowledged",
+            )
+
+    def _store_part(self, part: ReceivedPart, work: Path, rows: list[Any]) -> None:
+        signer = part.signer.fingerprint
         existing = self.db.query(
-            "SELECT 1 FROM inbound_parts WHERE set_id = ? AND set_part = ?", (part.set_id, part.set_part)
+            "SELECT 1 FROM inbound_parts p JOIN inbound_sets s ON s.id = p.set_ref "
+            "WHERE s.signer = ? AND s.set_id = ? AND p.set_part = ?",
+            (signer, part.set_id, part.set_part),
         )
+        target = self.spool.part_dir(set_key(signer, part.set_id), part.set_part)
         if existing:
             log.info("set %s part %d arrived again; the duplicate is ignored", part.set_id, part.set_part)
-            shutil.rmtree(work, ignore_errors=True)
         else:
             _save_part(part, work)
             if target.exists():  # left by a crash before the database row was written
@@ -201,45 +402,69 @@ class Pipeline:
             target.parent.mkdir(parents=True, exist_ok=True)
             work.rename(target)
             fsync_dir(target.parent)
+        reply_to = self._reply_address(part)
         with self.db.transaction() as conn:
+            conn.execute(
+                """INSERT INTO inbound_sets (set_id, signer, sender, set_total, study_uid, status,
+                       first_seen_at, updated_at) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?)
+                   ON CONFLICT (signer, set_id) DO UPDATE SET updated_at = excluded.updated_at""",
+                (part.set_id, signer, reply_to, part.set_total, part.study_uid, now(), now()),
+            )
+            set_ref = conn.execute("SELECT id FROM inbound_sets WHERE signer = ? AND set_id = ?",
+                                   (signer, part.set_id)).fetchone()[0]
             if not existing:
                 conn.execute(
-                    "INSERT INTO inbound_parts (set_id, set_part, inbound_id, directory) VALUES (?, ?, ?, ?)",
-                    (part.set_id, part.set_part, rows[0]["id"], str(target)),
-                )
-                conn.execute(
-                    """INSERT INTO inbound_sets (set_id, sender, signer, set_total, study_uid, status,
-                           first_seen_at, updated_at) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?)
-                       ON CONFLICT (set_id) DO UPDATE SET updated_at = excluded.updated_at""",
-                    (part.set_id, part.signer.user_id, part.signer.fingerprint, part.set_total, part.study_uid,
-                     now(), now()),
+                    "INSERT INTO inbound_parts (set_ref, set_part, inbound_id, directory) VALUES (?, ?, ?, ?)",
+                    (set_ref, part.set_part, rows[0]["id"], str(target)),
                 )
                 if self.notifier is not None:
-                    self.notifier.on_part_verified(conn, part)
+                    self.notifier.on_part_verified(conn, part, set_ref, reply_to)
             for row in rows:
                 conn.execute(
-                    "UPDATE inbound_mails SET status = 'processed', processed_at = ?, set_id = ?, set_part = ? "
-                    "WHERE id = ?",
-                    (now(), part.set_id, part.set_part, row["id"]),
+                    "UPDATE inbound_mails SET status = 'processed', processed_at = ?, set_id = ?, set_part = ?, "
+                    "set_ref = ? WHERE id = ?",
+                    (now(), part.set_id, part.set_part, set_ref, row["id"]),
                 )
-        log.info("set %s: part %d of %d verified (signer %s)", part.set_id, part.set_part, part.set_total,
-                 part.signer.fingerprint)
+        log.info("set %s: part %d of %d verified (signer %s)", part.set_id, part.set_part, part.set_total, signer)
 
-    def _quarantine_mails(self, rows: list[Any], error: DicommailError) -> None:
-        first = Path(rows[0]["spool_path"])
-        place = self.spool.quarantine(
-            first if len(rows) == 1 else None, error, f"mail-{rows[0]['id']}",
-            {"mails": [r["server_uid"] for r in rows], "account": rows[0]["account"]},
-        )
-        for row in rows[1:]:
-            shutil.copy2(row["spool_path"], place / Path(row["spool_path"]).name)
+    def _reply_address(self, part: ReceivedPart) -> str | None:
+        """Where acknowledgements go: a certified user ID of the signing key, never a header.
+
+        The key's primary user ID may have been added after we certified the
+        key; only user IDs with full validity count.
+        """
+        try:
+            key = find_key(self.keyring, part.signer.fingerprint)
+        except DicommailError:
+            return None
+        certified = [_address_of(u) for u in key.certified_user_ids]
+        certified = [a for a in certified if a]
+        if not certified:
+            return None
+        primary = _address_of(part.signer.user_id)
+        return primary if primary in certified else certified[0]
+
+    def _quarantine_mails(self, rows: list[Any], error: DicommailError, *, notify: bool = True) -> None:
+        """Keep the mails as they arrived (encrypted) with the reason; mark them, once and for all."""
+        details: dict[str, object] = {"mails": [r["server_uid"] for r in rows], "account": rows[0]["account"]}
+        detail = getattr(error, "detail", None)
+        if detail:
+            details["detail"] = detail
+        try:
+            place: Path | str = self.spool.quarantine_files(
+                [Path(r["spool_path"]) for r in rows], error, f"mail-{rows[0]['id']}", details
+            )
+        except OSError as exc:
+            if is_machine_failure(exc):
+                raise
+            place = f"nowhere ({exc.strerror or exc})"
         with self.db.transaction() as conn:
             for row in rows:
                 conn.execute(
                     "UPDATE inbound_mails SET status = 'quarantined', error = ?, processed_at = ? WHERE id = ?",
                     (f"{error.code}: {error.message}", now(), row["id"]),
                 )
-            if self.notifier is not None:
+            if notify and self.notifier is not None and not isinstance(error, MisaddressedError):
                 self.notifier.on_mail_failed(conn, rows, error)
         log.warning("mail %s quarantined in %s: %s", rows[0]["id"], place, error.message)
 
@@ -247,42 +472,59 @@ class Pipeline:
 
     def complete_sets(self) -> None:
         rows = self.db.query(
-            """SELECT s.set_id, s.set_total, COUNT(p.set_part) AS parts FROM inbound_sets s
-               JOIN inbound_parts p ON p.set_id = s.set_id WHERE s.status = 'collecting'
-               GROUP BY s.set_id HAVING parts >= s.set_total"""
+            """SELECT s.id, s.set_id, s.set_total, COUNT(p.set_part) AS parts FROM inbound_sets s
+               JOIN inbound_parts p ON p.set_ref = s.id WHERE s.status = 'collecting'
+               GROUP BY s.id HAVING parts >= s.set_total"""
         )
         for row in rows:
-            try:
-                verified = self.load_set(row["set_id"])
-            except DicommailError as exc:
-                self._fail_set(row["set_id"], exc)
-                continue
-            with self.db.transaction() as conn:
-                conn.execute(
-                    "UPDATE inbound_sets SET status = 'complete', updated_at = ? WHERE set_id = ?",
-                    (now(), row["set_id"]),
-                )
-                if self.notifier is not None:
-                    self.notifier.on_set_verified(conn, row["set_id"])
-            log.info("set %s complete: %d DICOM files verified against the manifest", verified.set_id,
-                     len(verified.dicom_files))
+            self._guarded(partial(self._complete, row), partial(self._fail_set, row["id"]),
+                          f"set {row['set_id']}")
 
-    def load_set(self, set_id: str) -> VerifiedSet:
-        rows = self.db.query("SELECT directory FROM inbound_parts WHERE set_id = ? ORDER BY set_part", (set_id,))
+    def _complete(self, row: Any) -> None:
+        verified = self.load_set(row["id"])
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE inbound_sets SET status = 'complete', updated_at = ? WHERE id = ?", (now(), row["id"]))
+            if self.notifier is not None:
+                self.notifier.on_set_verified(conn, row["id"])
+        log.info("set %s complete: %d DICOM files verified against the manifest", verified.set_id,
+                 len(verified.dicom_files))
+
+    def load_set(self, set_ref: int) -> VerifiedSet:
+        rows = self.db.query("SELECT directory FROM inbound_parts WHERE set_ref = ? ORDER BY set_part", (set_ref,))
         return verify_set([_load_part(Path(r["directory"])) for r in rows])
 
-    def _fail_set(self, set_id: str, error: DicommailError, status: str = "failed") -> None:
-        directory = self.spool.set_dir(set_id)
-        place = self.spool.quarantine(directory, error, f"set-{set_id}", {"set_id": set_id})
-        shutil.rmtree(directory, ignore_errors=True)
+    def _fail_set(self, set_ref: int, error: DicommailError, status: str = "failed") -> None:
+        """The set cannot be delivered: keep its mails (encrypted) and the reason; remove the decrypted parts."""
+        [info] = self.db.query("SELECT set_id FROM inbound_sets WHERE id = ?", (set_ref,))
+        set_id = info["set_id"]
+        mails = [Path(r["spool_path"]) for r in self.db.query(
+            "SELECT spool_path FROM inbound_mails WHERE set_ref = ? ORDER BY set_part, id", (set_ref,))]
+        details: dict[str, object] = {"set_id": set_id}
+        detail = getattr(error, "detail", None)
+        if detail:
+            details["detail"] = detail
+        try:
+            place: Path | str = self.spool.quarantine_files(mails, error, f"set-{set_ref}", details)
+        except OSError as exc:
+            if is_machine_failure(exc):
+                raise
+            place = f"nowhere ({exc.strerror or exc})"
+        self._remove_parts(set_ref)
         with self.db.transaction() as conn:
             conn.execute(
-                "UPDATE inbound_sets SET status = ?, error = ?, updated_at = ? WHERE set_id = ?",
-                (status, f"{error.code}: {error.message}", now(), set_id),
+                "UPDATE inbound_sets SET status = ?, error = ?, updated_at = ? WHERE id = ?",
+                (status, f"{error.code}: {error.message}", now(), set_ref),
             )
-            if self.notifier is not None:
-                self.notifier.on_set_finished(conn, set_id, status, error)
+            if self.notifier is not None and not isinstance(error, MisaddressedError):
+                self.notifier.on_set_finished(conn, set_ref, status, error)
         log.error("set %s %s: %s (kept in %s)", set_id, status, error.message, place)
+
+    def _remove_parts(self, set_ref: int) -> None:
+        for row in self.db.query("SELECT directory FROM inbound_parts WHERE set_ref = ?", (set_ref,)):
+            directory = Path(row["directory"])
+            shutil.rmtree(directory, ignore_errors=True)
+            if directory.parent.is_dir() and not any(directory.parent.iterdir()):
+                directory.parent.rmdir()
 
     # -- complete sets -> destination ---------------------------------------------------------
 
@@ -292,40 +534,48 @@ class Pipeline:
             (now(),),
         )
         for row in rows:
-            self._forward(row)
+            self._guarded(partial(self._forward, row), partial(self._fail_set, row["id"]),
+                          f"set {row['set_id']}")
 
     def _forward(self, row: Any) -> None:
-        set_id = row["set_id"]
-        try:
-            verified = self.load_set(set_id)
-        except DicommailError as exc:
-            self._fail_set(set_id, exc)
-            return
+        set_ref, set_id = row["id"], row["set_id"]
+        verified = self.load_set(set_ref)
+        self._settle_in_flight(set_ref, verified)
         done = {r["sop_instance_uid"] for r in self.db.query(
-            "SELECT sop_instance_uid FROM forwarded_instances WHERE set_id = ?", (set_id,))}
+            "SELECT sop_instance_uid FROM forwarded_instances WHERE set_ref = ? AND state = 'stored'", (set_ref,))}
 
-        def on_stored(sop_instance_uid: str) -> None:
+        def on_sending(sop_instance_uid: str) -> None:
+            # The intent, durable before the C-STORE: after a crash we know what may be in the PACS already.
             with self.db.transaction() as conn:
                 conn.execute(
-                    "INSERT OR IGNORE INTO forwarded_instances (set_id, sop_instance_uid, forwarded_at) "
-                    "VALUES (?, ?, ?)",
-                    (set_id, sop_instance_uid, now()),
+                    "INSERT OR IGNORE INTO forwarded_instances (set_ref, sop_instance_uid, state, forwarded_at) "
+                    "VALUES (?, ?, 'sending', ?)",
+                    (set_ref, sop_instance_uid, now()),
+                )
+
+        def on_stored(sop_instance_uid: str) -> None:
+            self._crash_hook("before-forward-record")
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO forwarded_instances (set_ref, sop_instance_uid, state, forwarded_at) "
+                    "VALUES (?, ?, 'stored', ?) ON CONFLICT (set_ref, sop_instance_uid) DO UPDATE "
+                    "SET state = 'stored', forwarded_at = excluded.forwarded_at",
+                    (set_ref, sop_instance_uid, now()),
                 )
             self._crash_hook("during-forward")
 
         try:
-            self.destination.deliver(verified, done, on_stored)
+            self.destination.deliver(verified, done, on_stored, on_sending)
         except DestinationError as exc:
             attempts = row["attempts"] + 1
             if not exc.temporary or (self.retry_limit and attempts >= self.retry_limit):
-                self._fail_set(set_id, exc)
-                return
+                raise
             delay = min(MAX_BACKOFF, self.retry_interval * 2 ** min(attempts - 1, 10))
             with self.db.transaction() as conn:
                 conn.execute(
                     "UPDATE inbound_sets SET attempts = ?, next_attempt_at = ?, error = ?, updated_at = ? "
-                    "WHERE set_id = ?",
-                    (attempts, now() + delay, f"{exc.code}: {exc.message}", now(), set_id),
+                    "WHERE id = ?",
+                    (attempts, now() + delay, f"{exc.code}: {exc.message}", now(), set_ref),
                 )
             log.warning("set %s not forwarded yet (attempt %d): %s; next try in %.0f s", set_id, attempts,
                         exc.message, delay)
@@ -333,15 +583,43 @@ class Pipeline:
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE inbound_sets SET status = 'delivered', delivered_at = ?, error = NULL, updated_at = ? "
-                "WHERE set_id = ?",
-                (now(), now(), set_id),
+                "WHERE id = ?",
+                (now(), now(), set_ref),
             )
             if self.notifier is not None:
-                self.notifier.on_set_finished(conn, set_id, "delivered", files=len(verified.files),
+                self.notifier.on_set_finished(conn, set_ref, "delivered", files=len(verified.files),
                                               dicom_instances=len(verified.dicom_files),
                                               warnings=len(verified.warnings))
-        shutil.rmtree(self.spool.set_dir(set_id), ignore_errors=True)
+        self._remove_parts(set_ref)
         log.info("set %s delivered: %d DICOM files", set_id, len(verified.dicom_files))
+
+    def _settle_in_flight(self, set_ref: int, verified: VerifiedSet) -> None:
+        """Instances whose C-STORE was under way when we crashed: ask the destination before sending again.
+
+        Where it cannot tell, the instance is sent again (at least once): the
+        PACS may then hold it twice, which is documented.
+        """
+        in_flight = [r["sop_instance_uid"] for r in self.db.query(
+            "SELECT sop_instance_uid FROM forwarded_instances WHERE set_ref = ? AND state = 'sending'", (set_ref,))]
+        if not in_flight:
+            return
+        series = {f.dicom.sop_instance_uid: f.dicom.series_uid for f in verified.dicom_files if f.dicom}
+        for uid in in_flight:
+            held = self.destination.has_instance(verified.study_uid, series.get(uid), uid) \
+                if self.in_flight_check else None
+            if held:
+                with self.db.transaction() as conn:
+                    conn.execute("UPDATE forwarded_instances SET state = 'stored' WHERE set_ref = ? "
+                                 "AND sop_instance_uid = ?", (set_ref, uid))
+                log.info("set %s: an instance in flight during a crash is in the destination already",
+                         verified.set_id)
+            elif held is None:
+                # The row stays "sending": should this attempt fail too (the PACS is down), the next asks again.
+                log.warning("set %s: the destination cannot tell whether it stored an instance that was in "
+                            "flight during a crash; it is sent again", verified.set_id)
+            else:
+                log.info("set %s: an instance in flight during a crash is not in the destination; it is sent "
+                         "again", verified.set_id)
 
     # -- incomplete sets -------------------------------------------------------------------
 
@@ -351,30 +629,74 @@ class Pipeline:
             (now() - self.set_timeout,),
         )
         for row in rows:
-            have = {r["set_part"] for r in self.db.query(
-                "SELECT set_part FROM inbound_parts WHERE set_id = ?", (row["set_id"],))}
-            missing = [n for n in range(1, row["set_total"] + 1) if n not in have]
-            if self.notifier is not None and missing and not self._expires_now(row["set_id"], missing):
-                continue
-            error = IncompleteSetError(
-                f"set {row['set_id']} expired with {len(missing)} of {row['set_total']} parts missing: "
-                f"{format_ranges(missing) if missing else '-'}",
-                "ask the sender to send the missing parts again",
-                missing_parts=missing,
-            )
-            self._fail_set(row["set_id"], error, status="expired")
+            self._guarded(partial(self._expire_set, row), partial(self._fail_set, row["id"]),
+                          f"set {row['set_id']}")
 
-    def _expires_now(self, set_id: str, missing: list[int]) -> bool:
+    def _expire_set(self, row: Any) -> None:
+        have = {r["set_part"] for r in self.db.query("SELECT set_part FROM inbound_parts WHERE set_ref = ?",
+                                                     (row["id"],))}
+        missing = [n for n in range(1, row["set_total"] + 1) if n not in have]
+        if self.notifier is not None and missing and not self._expires_now(row["id"], missing):
+            return
+        error = IncompleteSetError(
+            f"set {row['set_id']} expired with {len(missing)} of {row['set_total']} parts missing: "
+            f"{format_ranges(missing) if missing else '-'}",
+            "ask the sender to send the missing parts again",
+            missing_parts=missing,
+        )
+        self._fail_set(row["id"], error, status="expired")
+
+    def _expires_now(self, set_ref: int, missing: list[int]) -> bool:
         """With acknowledgements, a timed-out set first asks for its missing parts and waits once more."""
         assert self.notifier is not None
-        tracking = self.db.query("SELECT missing_reported_at FROM set_tracking WHERE set_id = ?", (set_id,))
+        tracking = self.db.query("SELECT missing_reported_at FROM set_tracking WHERE set_ref = ?", (set_ref,))
         reported = tracking[0]["missing_reported_at"] if tracking else None
         if reported is not None:
             return bool(reported < now() - self.set_timeout)
         with self.db.transaction() as conn:
-            asked = self.notifier.on_parts_missing(conn, set_id, missing)
+            asked = self.notifier.on_parts_missing(conn, set_ref, missing)
         return not asked
 
+    def expire_fragments(self) -> None:
+        """Fragments that never reassembled into a verified mail expire like incomplete sets."""
+        rows = self.db.query(
+            "SELECT * FROM inbound_mails WHERE status = 'stored' AND kind = ? AND received_at < ? ORDER BY id",
+            (FRAGMENT, now() - self.set_timeout),
+        )
+        groups: dict[str | None, list[Any]] = {}
+        for row in rows:
+            groups.setdefault(row["fragment_id"], []).append(row)
+        for fragment_id, members in groups.items():
+            tried = self.db.query("SELECT last_error FROM fragment_groups WHERE fragment_id = ?", (fragment_id,))
+            reason = tried[0]["last_error"] if tried and tried[0]["last_error"] else "not all fragments arrived"
+            error = IncompleteSetError(
+                f"{len(members)} message/partial fragment(s) expired without reassembling into a verified mail "
+                f"({reason})",
+                "ask the sender to send the mail again",
+            )
+            self._guarded(partial(self._quarantine_mails, members, error), partial(self._mark_quarantined, members),
+                          "expired fragments")
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM fragment_groups WHERE fragment_id = ?", (fragment_id,))
+
+    def _mark_quarantined(self, rows: list[Any], error: DicommailError) -> None:
+        """Last resort when even keeping a copy failed: the item must not be retried forever."""
+        with self.db.transaction() as conn:
+            for row in rows:
+                conn.execute("UPDATE inbound_mails SET status = 'quarantined', error = ?, processed_at = ? "
+                             "WHERE id = ?", (f"{error.code}: {error.message}", now(), row["id"]))
+        log.error("mail %s could not be quarantined (%s); it is marked failed", rows[0]["id"], error.message)
+
+    def expire_quarantine(self) -> None:
+        """The quarantine keeps what it holds for ``quarantine_days``, then removes it."""
+        removed = self.spool.expire_quarantine(time.time() - self.quarantine_days * 86400)
+        if removed:
+            log.info("removed %d quarantined item(s) older than %g days", removed, self.quarantine_days)
+
+
+def _address_of(user_id: str) -> str:
+    address = email.utils.parseaddr(user_id)[1]
+    return address.lower() if "@" in address else ""
 
 
 # -- part.json: a decoded part survives restarts ---------------------------------------------
@@ -388,6 +710,7 @@ def _save_part(part: ReceivedPart, directory: Path) -> None:
         "study_uid": part.study_uid,
         "message_id": part.message_id,
         "note": part.note,
+        "recipients": list(part.recipients) if part.recipients is not None else None,
         "signer": {**asdict(part.signer), "signed_at": part.signer.signed_at.isoformat()},
         "manifest": json.loads(part.manifest.to_json()) if part.manifest else None,
         "files": [
@@ -426,6 +749,7 @@ def _load_part(directory: Path) -> ReceivedPart:
                          entry["sha256"], dicom)
         )
     manifest = Manifest.from_json(json.dumps(data["manifest"]).encode()) if data["manifest"] else None
+    recipients = data.get("recipients")
     return ReceivedPart(
         set_id=data["set_id"],
         set_part=data["set_part"],
@@ -436,4 +760,5 @@ def _load_part(directory: Path) -> ReceivedPart:
         files=files,
         manifest=manifest,
         note=data["note"],
+        recipients=tuple(recipients) if recipients is not None else None,
     )

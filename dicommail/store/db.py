@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dicommail.errors import DicommailError
+from dicommail.store.files import make_private
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE transfers (
@@ -73,13 +74,15 @@ CREATE TABLE inbound_mails (
     error           TEXT,
     received_at     REAL NOT NULL,
     processed_at    REAL,
+    set_ref         INTEGER,          -- inbound_sets.id once the mail's part was verified
     UNIQUE (account, server_uid)
 );
 
 CREATE TABLE inbound_sets (
-    set_id          TEXT PRIMARY KEY,
+    id              INTEGER PRIMARY KEY,
+    set_id          TEXT NOT NULL,    -- X-TELEMEDICINE-SETID as the sender wrote it
+    signer          TEXT NOT NULL,    -- fingerprint of the certified key that signed it
     sender          TEXT,
-    signer          TEXT,
     set_total       INTEGER NOT NULL,
     study_uid       TEXT,
     status          TEXT NOT NULL,    -- collecting, complete, delivered, failed, expired
@@ -88,22 +91,25 @@ CREATE TABLE inbound_sets (
     updated_at      REAL NOT NULL,
     delivered_at    REAL,
     attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    -- A set belongs to its signer: another peer reusing the ID makes another set.
+    UNIQUE (signer, set_id)
 );
 
 CREATE TABLE inbound_parts (
-    set_id     TEXT NOT NULL,
+    set_ref    INTEGER NOT NULL REFERENCES inbound_sets(id) ON DELETE CASCADE,
     set_part   INTEGER NOT NULL,
     inbound_id INTEGER,
     directory  TEXT NOT NULL,         -- decoded files and part.json in the spool
-    PRIMARY KEY (set_id, set_part)
+    PRIMARY KEY (set_ref, set_part)
 );
 
 CREATE TABLE forwarded_instances (
-    set_id           TEXT NOT NULL,
+    set_ref          INTEGER NOT NULL REFERENCES inbound_sets(id) ON DELETE CASCADE,
     sop_instance_uid TEXT NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'stored',  -- sending (C-STORE under way), stored (accepted)
     forwarded_at     REAL NOT NULL,
-    PRIMARY KEY (set_id, sop_instance_uid)
+    PRIMARY KEY (set_ref, sop_instance_uid)
 );
 """
 
@@ -139,8 +145,11 @@ CREATE TABLE IF NOT EXISTS gateway_instances (
     path             TEXT NOT NULL,       -- the file as received, in the spool
     size             INTEGER NOT NULL,
     received_at      REAL NOT NULL,
+    sha256           TEXT,                -- of the data set as received (NULL: stored before it was recorded)
     PRIMARY KEY (study_id, sop_instance_uid)
 );
+-- A PACS repeating a C-STORE whose answer a crash lost is recognised by UID and content.
+CREATE INDEX IF NOT EXISTS gateway_instances_sop ON gateway_instances (sop_instance_uid);
 
 -- The set queued for each recipient of a study (recorded with queue_set's transaction).
 CREATE TABLE IF NOT EXISTS gateway_transfers (
@@ -150,6 +159,18 @@ CREATE TABLE IF NOT EXISTS gateway_transfers (
     PRIMARY KEY (study_id, recipient)
 );
 """
+
+#: Columns added to the tables above since they first shipped: (table, column, declaration).
+ADDED_COLUMNS = (("gateway_instances", "sha256", "TEXT"),)
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Give an existing database the columns of :data:`ADDED_COLUMNS` it lacks (after ADDED_TABLES ran)."""
+    for table, column, declaration in ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if present and column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
 
 #: Acknowledgements and transfer tracking (also created where missing).
 TRACKING_TABLES = """
@@ -200,7 +221,8 @@ CREATE TABLE IF NOT EXISTS transfer_events (
 CREATE TABLE IF NOT EXISTS notifications (
     id                  INTEGER PRIMARY KEY,
     event               TEXT NOT NULL UNIQUE,
-    set_id              TEXT NOT NULL,
+    set_id              TEXT NOT NULL,    -- as on the wire
+    set_ref             INTEGER,          -- inbound_sets.id (NULL while held: no verified signer yet)
     set_part            INTEGER,          -- NULL: about the whole set
     set_total           INTEGER,
     scope               TEXT NOT NULL,    -- part, set
@@ -223,10 +245,59 @@ CREATE TABLE IF NOT EXISTS notifications (
 
 -- Receiving side: per-set times the final notification reports.
 CREATE TABLE IF NOT EXISTS set_tracking (
-    set_id              TEXT PRIMARY KEY,
+    set_ref             INTEGER PRIMARY KEY REFERENCES inbound_sets(id) ON DELETE CASCADE,
     verified_at         REAL,
     missing_reported_at REAL              -- parts-missing report sent; the set waits once more
 );
+
+-- Receiving side: message/partial fragments are grouped by (sender, id) until one
+-- combination of candidates reassembles and verifies; tried_upto avoids retrying
+-- the same candidates every cycle.
+CREATE TABLE IF NOT EXISTS fragment_groups (
+    sender        TEXT NOT NULL,
+    fragment_id   TEXT NOT NULL,
+    tried_upto    INTEGER NOT NULL DEFAULT 0,   -- highest inbound_mails.id already tried
+    last_error    TEXT,
+    PRIMARY KEY (sender, fragment_id)
+);
+"""
+
+#: Schema 1 keyed received sets by their set ID alone; schema 2 by (signer, set ID).
+_MIGRATE_1_TO_2 = """
+ALTER TABLE inbound_sets RENAME TO inbound_sets_v1;
+ALTER TABLE inbound_parts RENAME TO inbound_parts_v1;
+ALTER TABLE forwarded_instances RENAME TO forwarded_instances_v1;
+{sets_parts_forwarded}
+INSERT INTO inbound_sets (set_id, signer, sender, set_total, study_uid, status, error, first_seen_at, updated_at,
+                          delivered_at, attempts, next_attempt_at)
+    SELECT set_id, COALESCE(signer, ''), sender, set_total, study_uid, status, error, first_seen_at, updated_at,
+           delivered_at, attempts, next_attempt_at FROM inbound_sets_v1;
+INSERT INTO inbound_parts (set_ref, set_part, inbound_id, directory)
+    SELECT s.id, p.set_part, p.inbound_id, p.directory FROM inbound_parts_v1 p JOIN inbound_sets s USING (set_id);
+INSERT INTO forwarded_instances (set_ref, sop_instance_uid, state, forwarded_at)
+    SELECT s.id, f.sop_instance_uid, 'stored', f.forwarded_at
+    FROM forwarded_instances_v1 f JOIN inbound_sets s USING (set_id);
+ALTER TABLE inbound_mails ADD COLUMN set_ref INTEGER;
+UPDATE inbound_mails SET set_ref = (SELECT id FROM inbound_sets s WHERE s.set_id = inbound_mails.set_id)
+    WHERE set_id IS NOT NULL AND status = 'processed';
+DROP TABLE inbound_sets_v1;
+DROP TABLE inbound_parts_v1;
+DROP TABLE forwarded_instances_v1;
+"""
+
+_MIGRATE_TRACKING_1_TO_2 = """
+ALTER TABLE notifications ADD COLUMN set_ref INTEGER;
+UPDATE notifications SET set_ref = (SELECT id FROM inbound_sets s WHERE s.set_id = notifications.set_id)
+    WHERE status != 'held';
+ALTER TABLE set_tracking RENAME TO set_tracking_v1;
+CREATE TABLE set_tracking (
+    set_ref             INTEGER PRIMARY KEY REFERENCES inbound_sets(id) ON DELETE CASCADE,
+    verified_at         REAL,
+    missing_reported_at REAL
+);
+INSERT INTO set_tracking (set_ref, verified_at, missing_reported_at)
+    SELECT s.id, t.verified_at, t.missing_reported_at FROM set_tracking_v1 t JOIN inbound_sets s USING (set_id);
+DROP TABLE set_tracking_v1;
 """
 
 
@@ -246,6 +317,8 @@ class Database:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+            for suffix in ("", "-wal", "-shm"):  # patient and study details: this site's eyes only
+                make_private(path.with_name(path.name + suffix))
         except sqlite3.DatabaseError as exc:
             raise StateError(
                 f"cannot open the state database {path}: {exc}",
@@ -257,13 +330,26 @@ class Database:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             self._conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        elif version == 1:
+            self._migrate_from_1()
         elif version > SCHEMA_VERSION:
             raise StateError(
                 f"the state database was written by a newer dicommail (schema {version})",
                 "upgrade dicommail on this machine",
             )
         self._conn.executescript(ADDED_TABLES)
+        add_missing_columns(self._conn)
         self._conn.executescript(TRACKING_TABLES)
+
+    def _migrate_from_1(self) -> None:
+        start = SCHEMA.index("CREATE TABLE inbound_sets (")
+        end = SCHEMA.index("CREATE TABLE forwarded_instances (")
+        end = SCHEMA.index(");", end) + 2
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        script = _MIGRATE_1_TO_2.format(sets_parts_forwarded=SCHEMA[start:end])
+        if "notifications" in tables and "set_tracking" in tables:
+            script += _MIGRATE_TRACKING_1_TO_2
+        self._conn.executescript(f"BEGIN; {script} PRAGMA user_version = 2; COMMIT;")
 
     def close(self) -> None:
         self._conn.close()

@@ -119,6 +119,10 @@ def estimate_wire_size(items: Sequence[_Item], note: str = "", ratio: float = 1.
     return OUTER_OVERHEAD + armored
 
 
+#: Files per mail, well under what a receiver walks in one entity (``mime.MAX_PARTS``).
+MAX_FILES_PER_MAIL = 5000
+
+
 def plan_parts(items: Sequence[_Item], max_mail_size: int, note: str = "", ratio: float = 1.0) -> list[list[_Item]]:
     """Group items into mails under ``max_mail_size``, in order, never splitting a file.
 
@@ -130,7 +134,8 @@ def plan_parts(items: Sequence[_Item], max_mail_size: int, note: str = "", ratio
     current: list[_Item] = []
     for item in items:
         note_here = note if not parts else ""
-        if current and estimate_wire_size([*current, item], note_here, ratio) > limit:
+        if current and (len(current) >= MAX_FILES_PER_MAIL
+                        or estimate_wire_size([*current, item], note_here, ratio) > limit):
             parts.append(current)
             current = []
         current.append(item)
@@ -230,8 +235,9 @@ class Packer:
         stem = f"{packed.set_id}-{number:04d}"
         inner = work / f"{stem}.inner"
         armored = work / f"{stem}.asc"
+        date = email.utils.formatdate(localtime=True)
         with inner.open("wb") as out:
-            self._write_inner(out, packed, number, items)
+            self._write_inner(out, packed, number, items, date)
         self.keyring.sign_encrypt_file(
             inner,
             armored,
@@ -247,7 +253,7 @@ class Packer:
             subject = "EMERGENCY: " + subject
         mail = work / f"{stem}.eml"
         with mail.open("wb") as out:
-            self._write_outer(out, packed, number, message_id, subject, armored)
+            self._write_outer(out, packed, number, message_id, subject, armored, date)
         armored.unlink()
         size = wire_size(mail)
         if size <= options.max_mail_size:
@@ -258,12 +264,17 @@ class Packer:
         mail.unlink()
         return [PackedMail(p, number, message_id, wire_size(p), i, len(pieces)) for i, p in enumerate(pieces, 1)]
 
-    def _write_inner(self, out: BinaryIO, packed: PackedSet, number: int, items: list[_Item]) -> None:
+    def _write_inner(self, out: BinaryIO, packed: PackedSet, number: int, items: list[_Item], date: str) -> None:
         options = self.options
         boundary = new_boundary()
         out.write(
             header_block(
                 [
+                    # Protected headers: signed with the content, so that a receiver can
+                    # tell that this set was meant for it and not re-encrypted by a third party.
+                    ("From", options.sender),
+                    ("To", options.recipient),
+                    ("Date", date),
                     ("MIME-Version", "1.0"),
                     ("Content-Type", f'multipart/mixed; boundary="{boundary}"'),
                     (h.SETID, packed.set_id),
@@ -337,14 +348,14 @@ class Packer:
         out.write(f"--{boundary}--".encode() + CRLF)
 
     def _write_outer(
-        self, out: BinaryIO, packed: PackedSet, number: int, message_id: str, subject: str, armored: Path
+        self, out: BinaryIO, packed: PackedSet, number: int, message_id: str, subject: str, armored: Path, date: str
     ) -> None:
         options = self.options
         boundary = new_boundary()
         fields = [
             ("From", options.sender),
             ("To", options.recipient),
-            ("Date", email.utils.formatdate(localtime=True)),
+            ("Date", date),
             ("Subject", subject),
             ("Message-ID", message_id),
             ("MIME-Version", "1.0"),

@@ -14,6 +14,7 @@ them):
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
@@ -31,11 +32,12 @@ from dicommail.errors import (
     IncompleteSetError,
     InputError,
     IntegrityError,
+    MisaddressedError,
     NotDicomError,
     SignatureError,
     WireFormatError,
 )
-from dicommail.store.files import atomic_writer, fsync_dir, fsync_file, scratch_dir
+from dicommail.store.files import atomic_writer, fsync_dir, fsync_file, open_private, scratch_dir
 from dicommail.wire import headers as h
 from dicommail.wire.manifest import MAX_MANIFEST_SIZE, Manifest
 from dicommail.wire.mime import LeafSink, LineReader, read_headers, walk
@@ -59,6 +61,11 @@ class Envelope:
     set_id: str
     set_part: int | None
     set_total: int | None
+
+    @property
+    def sender_address(self) -> str:
+        """The (unverified) From address, lower-case; empty if there is none."""
+        return email.utils.parseaddr(self.sender)[1].lower()
 
 
 @dataclass
@@ -86,6 +93,9 @@ class ReceivedPart:
     files: list[ReceivedFile]
     manifest: Manifest | None
     note: str = ""
+    #: Addresses of the signed inner ``To`` header (protected headers); ``None``
+    #: when the sender put no ``To`` inside the encryption (older @GIT senders).
+    recipients: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -144,7 +154,7 @@ def read_envelope(path: Path) -> Envelope:
 class _FileSink:
     def __init__(self, path: Path, limit: int | None = None) -> None:
         self.path = path
-        self.handle = path.open("wb")
+        self.handle = open_private(path)  # decoded DICOM is patient data, whatever the umask
         self.digest = hashlib.sha256()
         self.size = 0
         self.limit = limit
@@ -249,15 +259,25 @@ def open_mail(
     signer = keyring.decrypt_verify_file(armored, inner_path, max_output=max_output, passphrase=passphrase)
     armored.unlink()
     inner_handler = _InnerHandler(work)
+    digest = hashlib.sha256()
     with inner_path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(chunk)
+        handle.seek(0)
         reader = LineReader(handle)
         inner = read_headers(reader)
         walk(reader, inner, inner_handler)
     inner_path.unlink()
-    return _to_part(outer, inner, inner_handler, signer)
+    return _to_part(outer, inner, inner_handler, signer, digest.hexdigest(), max_output)
 
 
-def _to_part(outer: Message, inner: Message, handler: _InnerHandler, signer: Verification) -> ReceivedPart:
+def _addresses(value: str) -> tuple[str, ...]:
+    return tuple(address.lower() for _name, address in email.utils.getaddresses([value]) if "@" in address)
+
+
+def _to_part(
+    outer: Message, inner: Message, handler: _InnerHandler, signer: Verification, inner_sha256: str, max_output: int
+) -> ReceivedPart:
     message_id = str(outer.get("Message-ID", "")).strip()
     # The signed inner headers are authoritative; the outer copies must agree.
     set_id = str(inner.get(h.SETID, "") or "").strip()
@@ -274,8 +294,9 @@ def _to_part(outer: Message, inner: Message, handler: _InnerHandler, signer: Ver
     set_part = _int_header(inner, h.SETPART) or 1
     set_total = _int_header(inner, h.SETTOTAL) or 1
     if not set_id:
-        # A single mail from a sender that does not use sets: it is its own set.
-        set_id = "msg-" + hashlib.sha256(message_id.encode()).hexdigest()[:32]
+        # A single mail from a sender that does not use sets: it is its own set, named by
+        # its signed content (not by the unsigned Message-ID), so a replay is the same set.
+        set_id = "msg-" + inner_sha256[:32]
     if not h.is_set_id(set_id):
         raise WireFormatError("the set ID is malformed")
     if not 1 <= set_part <= set_total <= MAX_SET_TOTAL:
@@ -305,7 +326,7 @@ def _to_part(outer: Message, inner: Message, handler: _InnerHandler, signer: Ver
         )
         if kind == "dicom":
             try:
-                received.dicom = read_dicom_info(sink.path, label=label)
+                received.dicom = read_dicom_info(sink.path, label=label, max_inflated=max_output)
             except NotDicomError as exc:
                 raise NotDicomError(
                     f"{label} is labelled application/dicom but is not a DICOM file ({exc.message})",
@@ -313,6 +334,8 @@ def _to_part(outer: Message, inner: Message, handler: _InnerHandler, signer: Ver
                 ) from exc
         files.append(received)
     note = "\n".join(bytes(n.data).decode("utf-8", "replace") for n in handler.notes).strip()
+    inner_to = inner.get_all("To")
+    recipients = _addresses(", ".join(str(v) for v in inner_to)) if inner_to else None
     return ReceivedPart(
         set_id=set_id,
         set_part=set_part,
@@ -323,6 +346,7 @@ def _to_part(outer: Message, inner: Message, handler: _InnerHandler, signer: Ver
         files=files,
         manifest=manifest,
         note=note,
+        recipients=recipients,
     )
 
 
@@ -377,6 +401,9 @@ def verify_set(parts: Sequence[ReceivedPart]) -> VerifiedSet:
         _check_manifests(set_id, ordered)
     else:
         warnings.append("the sender sent no manifest: completeness rests on SETTOTAL and DICOM validity only")
+    if any(p.recipients is None for p in ordered):
+        warnings.append("the sender signed no recipient (no To inside the encryption): the set could have been "
+                        "meant for another site")
     if not any(f.kind == "dicom" for f in files):
         raise IntegrityError(f"set {set_id} contains no DICOM files")
     seen: dict[str, str] = {}
@@ -443,22 +470,32 @@ def safe_file_name(name: str, fallback: str) -> str:
     return base[:200] if base else fallback
 
 
-def write_set(verified: VerifiedSet, out_dir: Path) -> Path:
-    """Move a verified set's files to ``out_dir/<set id>/``: all of them, or none."""
-    final = out_dir / verified.set_id
+def write_set(verified: VerifiedSet, out_dir: Path, name: str = "") -> Path:
+    """Move a verified set's files to ``out_dir/<name or set id>/``: all of them, or none."""
+    final = out_dir / (name or verified.set_id)
     if final.exists():
         raise InputError(
             f"{final} already exists: set {verified.set_id} was unpacked before", "remove it to unpack again"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
+    # Where each file sits in the set, for warnings: a file name from the mail
+    # may name the patient, so warnings (shown and logged) never quote it.
+    positions = [f"part {part.set_part} file {number}" for part in verified.parts for number in
+                 range(1, len(part.files) + 1)]
+    if len(positions) != len(verified.files):
+        positions = [f"file {number}" for number in range(1, len(verified.files) + 1)]
     with scratch_dir(out_dir, ".dicommail-set-") as staging:
         receipt_files = []
-        for item in verified.files:
+        for item, position in zip(verified.files, positions, strict=True):
             fallback = f"{item.dicom.sop_instance_uid}.dcm" if item.dicom else item.content_id or "attachment"
             name = safe_file_name(item.name, safe_file_name(fallback, "file"))
-            if name != item.name and item.name:
-                verified.warnings.append(f"file name {item.name!r} was not safe and was saved as {name!r}")
+            renamed = bool(item.name) and name != item.name
+            if renamed:
+                verified.warnings.append(
+                    f"set {verified.set_id} {position}: its file name was not safe to use and was changed "
+                    "(dicommail-set.json beside the files lists both names)"
+                )
             stem, dot, suffix = name.rpartition(".")
             candidate, counter = name, 1
             while candidate.lower() in used or candidate.lower().startswith("dicommail-"):
@@ -468,15 +505,16 @@ def write_set(verified: VerifiedSet, out_dir: Path) -> Path:
             shutil.move(item.path, staging / candidate)
             fsync_file(staging / candidate)
             item.path = final / candidate
-            receipt_files.append(
-                {
-                    "name": candidate,
-                    "kind": item.kind,
-                    "sop_instance_uid": item.dicom.sop_instance_uid if item.dicom else "",
-                    "size": item.size,
-                    "sha256": item.sha256,
-                }
-            )
+            entry: dict[str, object] = {
+                "name": candidate,
+                "kind": item.kind,
+                "sop_instance_uid": item.dicom.sop_instance_uid if item.dicom else "",
+                "size": item.size,
+                "sha256": item.sha256,
+            }
+            if renamed:
+                entry["name_in_mail"] = item.name  # beside the files, which hold the same data anyway
+            receipt_files.append(entry)
         if verified.note:
             with atomic_writer(staging / "dicommail-note.txt") as handle:
                 handle.write(verified.note.encode("utf-8"))
@@ -526,9 +564,18 @@ class UnpackReport:
 
 
 def unpack_files(
-    paths: Sequence[Path], keyring: Keyring, out_dir: Path, *, max_output: int, passphrase: str | None = None
+    paths: Sequence[Path],
+    keyring: Keyring,
+    out_dir: Path,
+    *,
+    max_output: int,
+    passphrase: str | None = None,
+    own_addresses: frozenset[str] = frozenset(),
 ) -> UnpackReport:
-    """Unpack mails given in any order, with duplicates: every complete, verified set goes to ``out_dir``."""
+    """Unpack mails given in any order, with duplicates: every complete, verified set goes to ``out_dir``.
+
+    With ``own_addresses``, a part whose signed inner ``To`` names none of them is refused.
+    """
     report = UnpackReport()
     out_dir.mkdir(parents=True, exist_ok=True)
     with scratch_dir(out_dir, ".dicommail-work-") as work:
@@ -553,16 +600,22 @@ def unpack_files(
                 continue
             whole.append(joined)
 
-        parts: dict[str, list[ReceivedPart]] = {}
+        # A set belongs to its signer: another key reusing the set ID makes another set.
+        parts: dict[tuple[str, str], list[ReceivedPart]] = {}
         for number, path in enumerate(whole, 1):
             try:
                 part = open_mail(path, keyring, work / f"mail-{number}", max_output=max_output, passphrase=passphrase)
+                if own_addresses and part.recipients is not None and not own_addresses.intersection(part.recipients):
+                    raise MisaddressedError(
+                        f"set {part.set_id} part {part.set_part} was signed for another recipient",
+                        "someone re-encrypted another site's set to us; it is not unpacked",
+                    )
             except DicommailError as exc:
                 report.rejected.append((path, exc))
                 continue
-            parts.setdefault(part.set_id, []).append(part)
+            parts.setdefault((part.signer.fingerprint, part.set_id), []).append(part)
 
-        for set_id, members in parts.items():
+        for (_signer, set_id), members in parts.items():
             outcome = SetOutcome(
                 set_id=set_id,
                 ok=False,

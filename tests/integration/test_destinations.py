@@ -441,3 +441,98 @@ def test_make_destination(tmp_path: Path) -> None:
     assert isinstance(folder, FolderDestination) and folder.folder == tmp_path / "in"
     with pytest.raises(ConfigError):
         make_destination(parse_config({"receiver": {"destination": "folder"}}, tmp_path))
+
+
+# -- in-flight: on_sending and has_instance -------------------------------------------------
+
+
+class Journal:
+    """``on_sending`` and ``on_stored`` together, in the order they were called."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def sending(self, uid: str) -> None:
+        self.events.append(("sending", uid))
+
+    def stored(self, uid: str) -> None:
+        self.events.append(("stored", uid))
+
+
+def _ids(verified: VerifiedSet, index: int = 0) -> tuple[str, str, str]:
+    info = verified.dicom_files[index].dicom
+    assert info is not None
+    return info.study_uid, info.series_uid, info.sop_instance_uid
+
+
+def test_on_sending_precedes_each_c_store_and_orthanc_answers_has_instance(pacs: Pacs, ct_set: VerifiedSet) -> None:
+    uids = _uids(ct_set)
+    journal = Journal()
+    destination = PacsDestination(_config(pacs))
+    study, series, _ = _ids(ct_set)
+    assert destination.has_instance(study, series, uids[1]) is False  # not there yet: the PACS says so
+    destination.deliver(ct_set, {uids[0]}, journal.stored, journal.sending)
+    assert journal.events == [(event, uid) for uid in uids[1:] for event in ("sending", "stored")]
+    assert destination.has_instance(study, series, uids[1]) is True
+    assert destination.has_instance(study, None, uids[2]) is True  # the series unknown: found all the same
+    assert destination.has_instance(study, series, uids[0]) is False  # skipped as done: never sent
+    assert destination.has_instance(study, series, generate_uid()) is False
+    assert destination.has_instance(generate_uid(), None, uids[1]) is False  # another study's UID
+    # Asked not to ask, or asking as an AE title Orthanc does not let query: no answer.
+    assert PacsDestination(_config(pacs, in_flight_check="none")).has_instance(study, series, uids[1]) is None
+    assert PacsDestination(_config(pacs, calling_aet="STRANGER")).has_instance(study, series, uids[1]) is None
+
+
+def test_has_instance_is_none_where_the_pacs_cannot_answer(two_slices: VerifiedSet, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    study, series, uid = _ids(two_slices)
+    with caplog.at_level(logging.WARNING, logger="dicommail.receiver"):
+        # storescp offers no C-FIND; a closed port; a PACS that refuses the association.
+        with storescp(tmp_path) as config:
+            assert PacsDestination(config).has_instance(study, series, uid) is None
+        assert "does not offer C-FIND" in caplog.text
+        closed = PacsConfig(host=LOOPBACK, port=free_ports(1)[0], called_aet="NOBODY", timeout=5)
+        assert PacsDestination(closed).has_instance(study, series, uid) is None
+        with storescp(tmp_path, "--refuse") as config:
+            assert PacsDestination(config).has_instance(study, series, uid) is None
+
+
+def test_recording_pacs_counts_receptions_and_answers_c_find(two_slices: VerifiedSet, tmp_path: Path) -> None:
+    from testbed.recording_pacs import RecordingPacs
+
+    uids = _uids(two_slices)
+    study, series, _ = _ids(two_slices)
+    with RecordingPacs(tmp_path / "received", delay=0.2) as scp:
+        config = PacsConfig(host=LOOPBACK, port=scp.port, called_aet=scp.aet, timeout=5)
+        destination = PacsDestination(config)
+        assert destination.has_instance(study, series, uids[0]) is False
+        destination.deliver(two_slices, set(), Recorder())
+        destination.deliver(two_slices, {uids[1]}, Recorder())  # the first instance a second time
+        assert scp.receptions() == {uids[0]: 2, uids[1]: 1}
+        assert destination.has_instance(study, series, uids[0]) is True
+        assert destination.has_instance(study, "1.2.3", uids[0]) is False  # another series
+    assert sorted(p.name for p in (tmp_path / "received").iterdir()) == sorted(
+        [f"{uids[0]}.1.dcm", f"{uids[0]}.2.dcm", f"{uids[1]}.1.dcm"])
+    # Restarted on the same folder, it knows what it received.
+    with RecordingPacs(tmp_path / "received") as scp:
+        assert scp.receptions() == {uids[0]: 2, uids[1]: 1}
+        config = PacsConfig(host=LOOPBACK, port=scp.port, called_aet=scp.aet, timeout=5)
+        assert PacsDestination(config).has_instance(study, None, uids[1]) is True
+
+
+def test_folder_destination_reports_sending_and_has_instance(ct_set: VerifiedSet, two_slices: VerifiedSet,
+                                                             tmp_path: Path) -> None:
+    folder = tmp_path / "studies"
+    destination = FolderDestination(folder)
+    uids = _uids(ct_set)
+    study, series, _ = _ids(ct_set)
+    assert destination.has_instance(study, series, uids[0]) is False  # no folder yet
+    journal = Journal()
+    destination.deliver(ct_set, {uids[0]}, journal.stored, journal.sending)
+    assert [e for e in journal.events if e[0] == "sending"] == [("sending", uid) for uid in sorted(uids[1:])]
+    assert [e for e in journal.events if e[0] == "stored"] == [("stored", uid) for uid in uids[1:]]
+    assert all(destination.has_instance(study, series, uid) for uid in uids)  # the whole set went
+    assert destination.has_instance(study, None, generate_uid()) is False
+    assert destination.has_instance(*_ids(two_slices)) is False
+    (folder / ct_set.set_id / "CT00002.dcm").unlink()
+    assert destination.has_instance(study, series, uids[1]) is False

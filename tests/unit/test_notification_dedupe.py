@@ -47,12 +47,13 @@ def _verify(notifier: Notifier, db: Database, part: int) -> None:
                                     signer=signer)
     now = time.time()
     with db.transaction() as conn:
-        conn.execute("INSERT INTO inbound_parts (set_id, set_part, inbound_id, directory) VALUES (?, ?, 1, 'x')",
-                     (SET_ID, part))
         conn.execute("INSERT INTO inbound_sets (set_id, sender, signer, set_total, status, first_seen_at,"
-                     " updated_at) VALUES (?, ?, ?, 3, 'collecting', ?, ?) ON CONFLICT (set_id) DO NOTHING",
-                     (SET_ID, signer.user_id, signer.fingerprint, now, now))
-        notifier.on_part_verified(conn, received)
+                     " updated_at) VALUES (?, ?, ?, 3, 'collecting', ?, ?) ON CONFLICT (signer, set_id) DO NOTHING",
+                     (SET_ID, HOSPITAL, signer.fingerprint, now, now))
+        set_ref = conn.execute("SELECT id FROM inbound_sets WHERE set_id = ?", (SET_ID,)).fetchone()[0]
+        conn.execute("INSERT INTO inbound_parts (set_ref, set_part, inbound_id, directory) VALUES (?, ?, 1, 'x')",
+                     (set_ref, part))
+        notifier.on_part_verified(conn, received, set_ref, HOSPITAL)
 
 
 def _errors(db: Database) -> list[tuple[int, str]]:
