@@ -9,11 +9,16 @@ and is never used; a row always names a complete file.
 Instances are grouped into studies per route (the called AE title): the
 instances of one Study Instance UID pushed to one route collect in one
 "receiving" study until it goes quiet (see :class:`StudyTracker`); a later
-push of the same study opens a new one and is sent again.
+push of the same study opens a new one and is sent again -- except for
+instances already accepted for that route within ``gateway.duplicate_window``
+with the same content (SHA-256 of the data set): the PACS repeats a C-STORE
+whose "success" a crash lost, and is told "success" again without the
+instance travelling twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import sqlite3
@@ -56,6 +61,22 @@ class Instance:
 class Stored:
     study_id: int
     duplicate: bool  # the study already had this instance: nothing was written
+    #: For an instance accepted before within the duplicate window: when (it is not sent again).
+    accepted_before: float | None = None
+
+
+def content_sha256(part10: bytes) -> str:
+    """SHA-256 (hex) of a Part 10 object's data set: the bytes after its file meta information.
+
+    The file meta information is the gateway's own wrapping (it names the
+    calling node, the implementation): the same image pushed again by
+    another node or through another gateway version has the same digest.
+    """
+    start = 0
+    # Preamble, "DICM", then (0002,0000) UL with the group's length (always written first).
+    if len(part10) >= 144 and part10[128:136] == b"DICM\x02\x00\x00\x00":
+        start = 144 + int.from_bytes(part10[140:144], "little")
+    return hashlib.sha256(memoryview(part10)[start:]).hexdigest()  # a view: no copy of a large image
 
 
 StudyKey = tuple[str, str]  # (route, study UID)
@@ -114,16 +135,21 @@ class StudyTracker:
 class Ingest:
     """Stores instances in the spool and the state database."""
 
-    def __init__(self, db: Database, spool: Path, crash_hook: Callable[[str], None] | None = None) -> None:
+    def __init__(self, db: Database, spool: Path, crash_hook: Callable[[str], None] | None = None,
+                 duplicate_window: float = 0.0) -> None:
         self.db = db
         self.root = spool / "gateway"
         self._crash_hook = crash_hook or (lambda _step: None)
+        self.duplicate_window = duplicate_window
 
     def study_dir(self, study_id: int) -> Path:
         return self.root / f"{study_id:08d}"
 
     def store(self, item: Instance, now: Callable[[], float] = time.time) -> Stored:
         """Write ``item`` durably and record it; a repeated SOP Instance UID is not stored twice.
+
+        Not stored either: the same instance (UID and content) accepted for the
+        same route within the duplicate window, in a study that did not fail.
 
         Raises ``OSError`` (disk full, permissions) or a database error: the
         caller answers "out of resources" and the PACS tries again later.
@@ -132,7 +158,14 @@ class Ingest:
             if not is_uid(uid):
                 raise InputError(f"the instance has no valid {name}", "the sending node produced a malformed object")
         at = now()
+        digest = content_sha256(item.data)
         with self.db.transaction() as conn:
+            earlier = self._accepted_before(conn, item, digest, at)
+            if earlier is not None:
+                study_id, accepted_at = earlier
+                log.info("instance %s already accepted %.0f s ago (gateway study %d), same content: answered "
+                         "success, not stored or sent again", item.sop_instance_uid, at - accepted_at, study_id)
+                return Stored(study_id, duplicate=True, accepted_before=accepted_at)
             study_id = self._receiving_study(conn, item, at)
             known = conn.execute(
                 "SELECT 1 FROM gateway_instances WHERE study_id = ? AND sop_instance_uid = ?",
@@ -148,9 +181,9 @@ class Ingest:
             try:
                 conn.execute(
                     "INSERT INTO gateway_instances (study_id, sop_instance_uid, sop_class_uid, transfer_syntax,"
-                    " path, size, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " path, size, received_at, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (study_id, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax, str(path),
-                     len(item.data), at),
+                     len(item.data), at, digest),
                 )
             except sqlite3.IntegrityError:
                 # The same instance arrived twice at once (two associations): the first row stands.
@@ -162,6 +195,24 @@ class Ingest:
             )
         self._crash_hook("gateway-after-store")
         return Stored(study_id, duplicate=False)
+
+    def _accepted_before(self, conn: sqlite3.Connection, item: Instance, digest: str, at: float
+                         ) -> tuple[int, float] | None:
+        """(study id, time) of the same instance accepted for this route within the window, if any.
+
+        A study that failed never left: what it held may come again and go out.
+        The study still receiving is left to :meth:`store`'s own check (any
+        repeat of a UID there is tolerated, whatever its content).
+        """
+        if self.duplicate_window <= 0:
+            return None
+        row = conn.execute(
+            "SELECT i.study_id, i.received_at FROM gateway_instances i JOIN gateway_studies s ON s.id = i.study_id"
+            " WHERE i.sop_instance_uid = ? AND i.sha256 = ? AND s.route = ? AND s.status NOT IN (?, ?)"
+            " AND i.received_at >= ? ORDER BY i.received_at DESC LIMIT 1",
+            (item.sop_instance_uid, digest, item.route, FAILED, RECEIVING, at - self.duplicate_window),
+        ).fetchone()
+        return None if row is None else (int(row["study_id"]), float(row["received_at"]))
 
     def _receiving_study(self, conn: sqlite3.Connection, item: Instance, at: float) -> int:
         row = conn.execute(

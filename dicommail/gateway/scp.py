@@ -217,7 +217,8 @@ class StoreService:
             log.error("cannot store instance %s: %s; answered 'out of resources', the sender retries",
                       sop_uid, detail)
             return OUT_OF_RESOURCES
-        if stored.duplicate:
+        if stored.duplicate and stored.accepted_before is None:
+            # (A repeat from an earlier push is logged by the ingest, at INFO.)
             log.debug("instance %s of study %s again: already stored", sop_uid, stored.study_id)
         self._on_stored()
         return SUCCESS

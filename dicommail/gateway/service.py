@@ -133,7 +133,8 @@ class Gateway:
 
         self._client_factory = client_factory
         self.tracker = StudyTracker()
-        self.ingest = Ingest(db, config.spool, self._crash_hook)
+        self.ingest = Ingest(db, config.spool, self._crash_hook,
+                             duplicate_window=float(config.gateway.duplicate_window))
         self.service = StoreService(config.gateway, config.routes, self.ingest, self.tracker)
         self.stop = asyncio.Event()
         self._ready: list[int] = []  # studies to pack, oldest first

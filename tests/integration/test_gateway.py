@@ -344,3 +344,56 @@ def test_objects_packing_could_not_read_are_refused(gateway: Gateway) -> None:
     assert _push(assoc, [ds]) == [0xC000]
     assoc.release()
     assert _studies(gateway.home) == []
+
+
+def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk_tool("storescu"), "-aet", "HOSPPACS", "-aec", ROUTE, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TCP_NODELAY": "1"})
+
+
+def test_late_pacs_retry_after_a_lost_answer_sends_no_instance_twice(gateway: Gateway, practice: Home, pacs: Pacs,
+                                                                      tmp_path: Path) -> None:
+    # The gateway dies after committing the third instance, before answering it.
+    assert gateway.stop() == 0
+    gateway.start(env={"DICOMMAIL_TEST_CRASH_AT": "gateway-after-store:3"})
+    study = write_ct_study(tmp_path / "study", 5, 32)
+    assert _storescu(gateway.port, study).returncode != 0
+    gateway.wait_killed()
+    gateway.start()
+    [first] = _wait_sent(gateway, 1)
+    assert first["instances"] == 3
+    # Long after, the PACS sends the whole study again: the three already accepted are answered
+    # "success" and not stored again; the two it never heard about go out in a study of their own.
+    pushed = _storescu(gateway.port, study)
+    assert pushed.returncode == 0, pushed.stderr
+    rows = _wait_sent(gateway, 2)
+    assert [r["instances"] for r in rows] == [3, 2]
+    with sqlite3.connect(gateway.home.path / "state.db") as db:
+        assert [f for (f,) in db.execute("SELECT files FROM transfers ORDER BY id")] == [3, 2]
+        stored = db.execute("SELECT sop_instance_uid, sha256 FROM gateway_instances").fetchall()
+    uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study}
+    assert {uid for uid, _ in stored} == uids and len(stored) == 5
+    assert all(digest and len(digest) == 64 for _, digest in stored)
+    log = gateway.log.read_text()
+    assert log.count("already accepted") == 3
+    assert "SYNTHETIC" not in log
+    _receive_into_pacs(practice, pacs, uids)
+
+
+def test_duplicate_window_zero_sends_a_repeated_push_again(mail_servers: MailServers, pacs: Pacs,
+                                                           tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    home = make_home("hospital", HOSPITAL, mail_servers, pacs,
+                     extra=gateway_config(port, {ROUTE: PRACTICE}, extra="duplicate_window = 0"))
+    server = Gateway(home, port, tmp_path / "gateway.log")
+    server.start()
+    try:
+        study = write_ct_study(tmp_path / "study", 2, 16)
+        assert _storescu(port, study).returncode == 0
+        _wait_sent(server, 1)
+        assert _storescu(port, study).returncode == 0
+        assert [r["instances"] for r in _wait_sent(server, 2)] == [2, 2]
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+        remove_home(home)

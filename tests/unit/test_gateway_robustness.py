@@ -1,25 +1,30 @@
 """Gateway robustness: tolerant Instance Numbers, ingest checks as strict as packing, a bounded packing retry,
-a loop that survives a locked database, and per-recipient outbox folders that do not depend on route order."""
+a loop that survives a locked database, per-recipient outbox folders that do not depend on route order, and
+a late PACS retry (the same instance within gateway.duplicate_window) that is not sent twice."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
+import logging
 import sqlite3
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dsutils import split_dataset
 
 from dicommail.config import parse_config
 from dicommail.dicom import check_dicom_data, instance_number, read_dicom_info
 from dicommail.errors import InputError, NotDicomError
 from dicommail.gateway import service
-from dicommail.gateway.ingest import COMPLETE, FAILED
+from dicommail.gateway.ingest import COMPLETE, FAILED, SENT, Ingest, Instance, Stored, content_sha256
 from dicommail.gateway.scp import _study_uid
 from dicommail.store.db import Database
 
@@ -139,3 +144,89 @@ def test_a_locked_database_does_not_end_the_loop(tmp_path: Path, monkeypatch: py
     gateway._tick()
     gateway._tick()
     assert calls == ["complete", "jobs", "retry"] * 2
+
+
+# -- a late PACS retry: the same instance again, within gateway.duplicate_window --------------------
+
+
+def _instance(uid: str, data: bytes, *, study: str = "1.2.3", route: str = "DR") -> Instance:
+    return Instance(route=route, calling_aet="PACS", peer="127.0.0.1", study_uid=study, sop_class_uid=CT,
+                    sop_instance_uid=uid, transfer_syntax=str(ExplicitVRLittleEndian), data=data)
+
+
+def _set_status(db: Database, study_id: int, status: str) -> None:
+    with db.transaction() as conn:
+        conn.execute("UPDATE gateway_studies SET status = ? WHERE id = ?", (status, study_id))
+
+
+def test_a_repeat_within_the_window_is_not_stored_or_sent_again(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    db = Database(tmp_path / "state.db")
+    ingest = Ingest(db, tmp_path / "spool", duplicate_window=3600)
+    uid, data = _part10()
+    first = ingest.store(_instance(uid, data), now=lambda: 1000.0)
+    assert not first.duplicate
+    _set_status(db, first.study_id, SENT)
+    with caplog.at_level(logging.INFO, logger="dicommail.gateway"):
+        again = ingest.store(_instance(uid, data), now=lambda: 1000.0 + 3599)
+    assert again == Stored(first.study_id, duplicate=True, accepted_before=1000.0)
+    assert "not stored or sent again" in caplog.text
+    # No new study was opened for it, nothing written.
+    assert [r["id"] for r in db.query("SELECT id FROM gateway_studies")] == [first.study_id]
+    assert len(list((tmp_path / "spool" / "gateway").glob("*/*.dcm"))) == 1
+    [row] = db.query("SELECT sha256 FROM gateway_instances")
+    (tmp_path / "x.dcm").write_bytes(data)
+    _meta, offset = split_dataset(tmp_path / "x.dcm")
+    assert row["sha256"] == content_sha256(data) == hashlib.sha256(data[offset:]).hexdigest()
+
+
+@pytest.mark.parametrize("case", ["later", "other content", "other route", "failed", "window off"])
+def test_what_is_not_a_repeat_is_stored_again(tmp_path: Path, case: str) -> None:
+    db = Database(tmp_path / "state.db")
+    ingest = Ingest(db, tmp_path / "spool", duplicate_window=0 if case == "window off" else 3600)
+    uid, data = _part10()
+    first = ingest.store(_instance(uid, data), now=lambda: 1000.0)
+    _set_status(db, first.study_id, FAILED if case == "failed" else SENT)
+    at = 1000.0 + (3601 if case == "later" else 60)
+    if case == "other content":
+        data = data[:-2] + b"\x00\x01"  # same UID, another image (a correction): a new object
+    again = ingest.store(_instance(uid, data, route="OTHER" if case == "other route" else "DR"), now=lambda: at)
+    assert not again.duplicate and again.study_id != first.study_id
+    assert len(db.query("SELECT 1 FROM gateway_instances WHERE sop_instance_uid = ?", (uid,))) == 2
+
+
+def test_within_a_study_still_receiving_a_repeat_is_tolerated(tmp_path: Path) -> None:
+    db = Database(tmp_path / "state.db")
+    ingest = Ingest(db, tmp_path / "spool", duplicate_window=3600)
+    uid, data = _part10()
+    first = ingest.store(_instance(uid, data), now=lambda: 1000.0)
+    again = ingest.store(_instance(uid, data[:-2] + b"\x00\x01"), now=lambda: 1001.0)
+    assert again == Stored(first.study_id, duplicate=True)  # the first stands, as before
+    assert db.query("SELECT instances FROM gateway_studies")[0]["instances"] == 1
+
+
+def test_the_digest_ignores_the_file_meta_information() -> None:
+    _uid, data = _part10()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.SourceApplicationEntityTitle = "ANOTHERPACS"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert buffer.getvalue() != data
+    assert content_sha256(buffer.getvalue()) == content_sha256(data)
+    assert content_sha256(b"no meta at all") == hashlib.sha256(b"no meta at all").hexdigest()
+
+
+def test_an_older_state_database_gains_the_sha256_column(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Database(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP TABLE gateway_instances")
+        raw.execute("CREATE TABLE gateway_instances (study_id INTEGER NOT NULL, sop_instance_uid TEXT NOT NULL,"
+                    " sop_class_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL, path TEXT NOT NULL,"
+                    " size INTEGER NOT NULL, received_at REAL NOT NULL, PRIMARY KEY (study_id, sop_instance_uid))")
+    db = Database(path)
+    ingest = Ingest(db, tmp_path / "spool", duplicate_window=3600)
+    uid, data = _part10()
+    assert not ingest.store(_instance(uid, data)).duplicate
+    assert db.query("SELECT sha256 FROM gateway_instances")[0]["sha256"] == content_sha256(data)
+
