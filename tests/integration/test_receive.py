@@ -243,3 +243,35 @@ def test_mailbox_of_500_mixed_mails(
         quarantined = db.execute("SELECT COUNT(*) FROM inbound_mails WHERE status = 'quarantined'").fetchone()[0]
     assert quarantined == malformed
     assert len(list((practice.path / "spool" / "quarantine").iterdir())) == malformed
+
+
+@pytest.mark.parametrize("in_flight_check", ["c-find", "none"])
+def test_kill_after_the_pacs_stored_an_instance_does_not_store_it_twice(
+    in_flight_check: str, hospital: Home, mail_servers: MailServers, tmp_path: Path
+) -> None:
+    """The PACS stored instance 3 and answered, but the receiver died before recording it.
+
+    With the C-FIND check the restarted receiver asks and does not send it
+    again; without it (a PACS that cannot answer), it is sent once more: the
+    documented at-least-once window.
+    """
+    from testbed.recording_pacs import RecordingPacs
+
+    empty_mailbox(mail_servers, PRACTICE)
+    with RecordingPacs(tmp_path / "pacs", delay=0.2) as recording:
+        practice = make_home("practice", PRACTICE, mail_servers, recording,
+                             extra=f'in_flight_check = "{in_flight_check}"')
+        try:
+            study = _study(tmp_path, 5)
+            _send(hospital, study, mail_servers)
+            crashed = practice.run("receive", "--once", env={"DICOMMAIL_TEST_CRASH_AT": "before-forward-record:3"})
+            assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+            result = practice.run("receive", "--once")
+            assert result.returncode == 0, result.stderr
+            assert list(_sets(practice).values()) == ["delivered"]
+            counts = recording.receptions()
+            assert len(counts) == len(study)
+            repeated = sum(n - 1 for n in counts.values())
+            assert repeated == (0 if in_flight_check == "c-find" else 1)
+        finally:
+            remove_home(practice)
