@@ -555,3 +555,40 @@ def test_acknowledgements_go_to_a_certified_user_id_only(
     recipients = {r["recipient"] for r in site.db.query("SELECT recipient FROM notifications")}
     assert recipients == {"imaging@peer-b.test"}
     site.db.close()
+
+
+@pytest.mark.parametrize("case", ["manifest-types", "manifest-nesting", "dicom-nested", "dicom-length", "dicom-bomb"])
+def test_hostile_content_from_a_certified_peer_leaves_no_plaintext(
+    case: str, hospital_site: Site, receiving: Receiving, ct_study: list[Path], tmp_path: Path
+) -> None:
+    """Each used to leave a decrypted DICOM file in spool/work/<uuid>/ or take the receiver's memory."""
+    import hashlib
+
+    from tests.wire import test_hostile_input as hostile
+
+    data = hostile.part10(hostile.identifying())
+    manifest = None
+    if case == "manifest-types":
+        entry = {"content_id": ["IM1"], "name": "IM1.dcm", "kind": "dicom", "size": str(len(data)),
+                 "sha256": hashlib.sha256(data).hexdigest(), "sop_instance_uid": hostile.INSTANCE}
+        manifest = json.dumps(hostile._manifest(set_id="2.25.77", set_part=1, set_total=1, files=[entry])).encode()
+    elif case == "manifest-nesting":
+        manifest = b"[" * 100_000
+    elif case == "dicom-nested":
+        data = hostile.part10(hostile.identifying() + hostile.nested_sequences(20_000, tag=0x00400275))
+    elif case == "dicom-length":
+        data = hostile.part10(hostile.identifying() + hostile.element(0x7FE00010, "OB", bytes(16), length=0xFFFFFFF0))
+    else:
+        data = hostile._bomb(1100, level=1)
+    parts = [dicom_part(data, "IM1.dcm")]
+    if manifest is not None:
+        parts.append(f"Content-Type: {h.MANIFEST_TYPE}\r\n\r\n".encode() + manifest + b"\r\n")
+    inner = inner_entity(parts, {h.SETID: "2.25.77", h.SETPART: "1", h.SETTOTAL: "1"})
+    mail = encrypted_mail(hospital_site, PRACTICE, inner, tmp_path / "hostile.eml", f"{h.SETID}: 2.25.77\r\n")
+    [bad] = receiving.store(mail)
+    receiving.store(*_pack(hospital_site, ct_study[:2], tmp_path / "a"))
+    receiving.pipeline.run_once()
+    status, error = receiving.mail_status(bad)
+    assert status == "quarantined" and error is not None and error.split(":")[0] in ("malformed", "not-dicom")
+    assert [s for _, s in receiving.sets()] == ["delivered"]
+    receiving.assert_no_plaintext()
