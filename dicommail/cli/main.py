@@ -7,28 +7,29 @@ from pathlib import Path
 
 import click
 
-from dicommail import __version__
+from dicommail import Site, __version__
 from dicommail.cli.render import handle_errors, info
-from dicommail.config import CONFIG_NAME, Config, default_home, load_config, render_template
-from dicommail.errors import ConfigError
-from dicommail.store.files import PRIVATE_UMASK, make_home_private, make_private
+from dicommail.config import Config, default_home
+from dicommail.site.base import PRIVATE_UMASK
 
 
 class AppContext:
-    """What every command needs: the home directory and, lazily, the config."""
+    """What every command needs: the home directory and, lazily, the site opened there."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
-        self._config: Config | None = None
+        self._site: Site | None = None
+
+    @property
+    def site(self) -> Site:
+        """The home as the library sees it (config validated, made private), opened on first use."""
+        if self._site is None:
+            self._site = Site.open(self.home)
+        return self._site
 
     @property
     def config(self) -> Config:
-        if self._config is None:
-            self._config = load_config(self.home)
-            # Before any command reads or writes it: a home that was made
-            # with a 0755 umask (or by hand) must not stay readable by others.
-            make_home_private(self._config)
-        return self._config
+        return self.site.config
 
 
 pass_app = click.make_pass_decorator(AppContext)
@@ -59,18 +60,8 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 @handle_errors
 def init(app: AppContext, address: str, force: bool) -> None:
     """Create the home directory with a commented dicommail.toml."""
-    path = app.home / CONFIG_NAME
-    if path.exists() and not force:
-        raise ConfigError(f"{path} already exists", "edit it, or use --force to overwrite it with defaults")
-    app.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    make_private(app.home)  # it may have existed already, e.g. made 0755 by hand
-    text = render_template(address)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    load_config(app.home)  # the template must itself validate
-    info(f"wrote {path}")
+    site = Site.init(app.home, address, force=force)
+    info(f"wrote {site.config.config_file}")
 
 
 def _register_subcommands() -> None:
