@@ -15,6 +15,8 @@ class DicommailError(Exception):
     #: A short machine-readable reason code (used in --json output and, later,
     #: in error notifications sent back over mail).
     code = "error"
+    #: Transfers that were queued before the error and stay in the outbox (set by ``Site.send``).
+    queued_transfers: tuple[int, ...] = ()
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -31,10 +33,36 @@ class ConfigError(DicommailError):
     code = "config"
 
 
+class LockedError(DicommailError):
+    """Another dicommail process already runs this job for the same home (one receiver, one gateway per home)."""
+
+    code = "locked"
+
+
+class ReceiverLockedError(LockedError):
+    """A receiver is already running for this home: two would fetch and forward the same mails."""
+
+
+class GatewayLockedError(LockedError):
+    """A gateway is already running for this home: two would pack and send the same studies."""
+
+
 class InputError(DicommailError):
     """A file or argument handed to dicommail cannot be used."""
 
     code = "input"
+
+
+class InvalidArgumentError(InputError):
+    """An argument of a :class:`~dicommail.Site` method has an unusable value; ``argument`` names it.
+
+    Its message is the one the CLI shows for the matching option; ``code`` is
+    still "input", so catching :class:`~dicommail.errors.InputError` is enough.
+    """
+
+    def __init__(self, message: str, hint: str = "", *, argument: str) -> None:
+        super().__init__(message, hint)
+        self.argument = argument
 
 
 class NotDicomError(InputError):
@@ -154,6 +182,12 @@ class DestinationError(DicommailError):
     def __init__(self, message: str, hint: str = "", temporary: bool = True) -> None:
         super().__init__(message, hint)
         self.temporary = temporary
+
+
+class StateError(DicommailError):
+    """The state database (``state.db``) cannot be used, or holds no such item (e.g. an unknown transfer)."""
+
+    code = "state"
 
 
 class UnexpectedError(DicommailError):

@@ -36,11 +36,12 @@ from dicommail.errors import (
     DicommailError,
     IncompleteSetError,
     PassphraseError,
+    StateError,
     TransportError,
 )
 from dicommail.receiver import inbox
 from dicommail.sender.outbox import ClientFactory, retry_delay
-from dicommail.store.db import Database, StateError
+from dicommail.store.db import Database
 from dicommail.wire import headers as h
 from dicommail.wire import notifications as n
 from dicommail.wire.unpack import ReceivedPart

@@ -49,13 +49,14 @@ from dicommail.errors import (
     IncompleteSetError,
     MisaddressedError,
     PassphraseError,
+    StateError,
     UnexpectedError,
     WireFormatError,
 )
 from dicommail.receiver.inbox import DICOM_MAIL, FRAGMENT, REPORT
 from dicommail.receiver.notify import Notifier
 from dicommail.receiver.spool import Spool
-from dicommail.store.db import Database, StateError, now
+from dicommail.store.db import Database, now
 from dicommail.store.files import atomic_writer, fsync_dir
 from dicommail.wire.manifest import Manifest
 from dicommail.wire.notifications import ReceivedReport, open_report

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from dicommail.errors import DicommailError
+from dicommail.errors import StateError
 from dicommail.store.files import make_private
 
 SCHEMA_VERSION = 2
@@ -299,10 +299,6 @@ INSERT INTO set_tracking (set_ref, verified_at, missing_reported_at)
     SELECT s.id, t.verified_at, t.missing_reported_at FROM set_tracking_v1 t JOIN inbound_sets s USING (set_id);
 DROP TABLE set_tracking_v1;
 """
-
-
-class StateError(DicommailError):
-    code = "state"
 
 
 class Database:
