@@ -23,12 +23,15 @@ EXPIRY_MARGIN = timedelta(days=30)
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One check of ``dicommail check``: what was checked, whether it passed, what was found, what to do."""
+
     name: str
     ok: bool
     detail: str
     hint: str = ""
 
     def to_json(self) -> dict[str, object]:
+        """One entry of ``dicommail check --json``'s ``checks`` list."""
         return {"check": self.name, "ok": self.ok, "detail": self.detail, "hint": self.hint or None}
 
 
@@ -83,7 +86,7 @@ def _check_own_key(config: Config, keyring: Keyring, now: datetime) -> str:
     if problem:
         raise DicommailError(
             f"this site's key {key.fingerprint} {problem}",
-            "extend it (gpg --quick-set-expire) or make a new one, and send the public key to your peers",
+            "extend it (`dicommail keys extend`) or make a new one, and send the public key to your peers",
         )
     if config.passphrase() is None and config.identity.passphrase_file:
         raise DicommailError("identity.passphrase_file is empty")

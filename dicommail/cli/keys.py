@@ -1,30 +1,18 @@
-"""``dicommail keys``: this site's key and the peers' keys."""
+"""``dicommail keys``: this site's key and the peers' keys (a thin layer over :class:`dicommail.site.keys.Keys`)."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 from rich.table import Table
 
+from dicommail import KeyInfo
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.render import confirm, echo_escape, err, handle_errors, info, out, print_json
-from dicommail.crypto import keys as k
-from dicommail.crypto.gpg import Keyring
 from dicommail.errors import InputError
-from dicommail.store.files import atomic_writer
-
-
-@contextlib.contextmanager
-def _keyring(app: AppContext) -> Iterator[Keyring]:
-    keyring = Keyring(app.config.gnupg_home)
-    try:
-        yield keyring
-    finally:
-        keyring.close()
+from dicommail.site.keys import Algorithm
 
 
 def _read_passphrase_file(path: Path) -> str:
@@ -48,9 +36,9 @@ def _ask(question: str, assume_yes: bool) -> None:
         raise InputError("cancelled")
 
 
-def _describe(key: k.KeyInfo) -> None:
+def _describe(key: KeyInfo) -> None:
     """Fingerprint grouped for reading aloud, and who the key claims to be."""
-    out.print(f"  {k.format_fingerprint(key.fingerprint)}")
+    out.print(f"  {key.grouped_fingerprint}")
     for uid in key.user_ids:
         out.print(f"  {echo_escape(uid)}")
 
@@ -77,7 +65,7 @@ def generate(
     app: AppContext,
     name: str,
     email: str,
-    algo: str,
+    algo: Algorithm,
     expires: str,
     passphrase_file: Path | None,
     no_passphrase: bool,
@@ -89,10 +77,9 @@ def generate(
             "a passphrase protects the key if the keyring is copied; --no-passphrase is for protected servers",
         )
     passphrase = _read_passphrase_file(passphrase_file) if passphrase_file else None
-    with _keyring(app) as keyring:
-        key = k.generate(keyring, name, email, algo=algo, expires=expires, passphrase=passphrase)
+    key = app.site.keys.generate(name, email, algo=algo, expires=expires, passphrase=passphrase)
     out.print(f"generated {key.algorithm} key for {echo_escape(key.user_id)}:")
-    out.print(f"  {k.format_fingerprint(key.fingerprint)}")
+    out.print(f"  {key.grouped_fingerprint}")
     info(
         'next: set identity.key = "'
         + key.fingerprint
@@ -111,8 +98,7 @@ def generate(
 @handle_errors
 def list_(app: AppContext, secret: bool, as_json: bool) -> None:
     """List the keys in the keyring and whether they are trusted."""
-    with _keyring(app) as keyring:
-        found = k.list_keys(keyring, secret=secret)
+    found = app.site.keys.list(secret=secret)
     if as_json:
         print_json({"ok": True, "keys": [key.to_json() for key in found]})
         return
@@ -156,16 +142,15 @@ def list_(app: AppContext, secret: bool, as_json: bool) -> None:
 def import_(app: AppContext, file: Path, secret: bool) -> None:
     """Import keys from FILE (armored or binary; - reads stdin)."""
     data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
-    with _keyring(app) as keyring:
-        try:
-            imported = k.import_keys(keyring, data, allow_secret=secret)
-        except InputError as exc:
-            source = "standard input" if str(file) == "-" else str(file)
-            raise InputError(f"{source}: {exc.message}", exc.hint) from exc
+    try:
+        imported = app.site.keys.import_(data, secret=secret)
+    except InputError as exc:
+        source = "standard input" if str(file) == "-" else str(file)
+        raise InputError(f"{source}: {exc.message}", exc.hint) from exc
     for key in imported:
         kind = "secret key" if key.has_secret else "key"
         out.print(f"imported {kind} {echo_escape(key.user_id)} ({key.validity}):")
-        out.print(f"  {k.format_fingerprint(key.fingerprint)}")
+        out.print(f"  {key.grouped_fingerprint}")
         if key.certified or key.validity in ("revoked", "expired"):
             continue
         if key.has_secret:
@@ -188,15 +173,10 @@ def import_(app: AppContext, file: Path, secret: bool) -> None:
 @handle_errors
 def export(app: AppContext, key_id: str, secret: bool, output: Path | None) -> None:
     """Export a key, ASCII-armored (public unless --secret)."""
-    passphrase = app.config.passphrase() if secret else None
-    with _keyring(app) as keyring:
-        text = k.export_key(keyring, key_id, secret=secret, passphrase=passphrase)
     if output is None:
-        sys.stdout.write(text)
+        sys.stdout.write(app.site.keys.export(key_id, secret=secret))
         return
-    # The temporary file is created 0600, so a secret key is never readable by others.
-    with atomic_writer(output, durable=False) as handle:
-        handle.write(text.encode("ascii"))
+    app.site.keys.export_file(key_id, output, secret=secret)
     info(f"wrote {output}")
 
 
@@ -206,9 +186,7 @@ def export(app: AppContext, key_id: str, secret: bool, output: Path | None) -> N
 @handle_errors
 def fingerprint(app: AppContext, key_id: str) -> None:
     """Print a key's fingerprint in groups of four, for reading aloud."""
-    with _keyring(app) as keyring:
-        key = k.find_key(keyring, key_id)
-    out.print(k.format_fingerprint(key.fingerprint))
+    out.print(app.site.keys.fingerprint(key_id))
 
 
 @keys.command()
@@ -218,13 +196,12 @@ def fingerprint(app: AppContext, key_id: str) -> None:
 @handle_errors
 def certify(app: AppContext, key_id: str, yes: bool) -> None:
     """Trust a peer's key: certify it locally after checking its fingerprint."""
-    with _keyring(app) as keyring:
-        key = k.find_key(keyring, key_id)
-        if not key.certified:
-            err.print("certify this key?")
-            _describe(key)
-            _ask("Did you check this fingerprint with the key owner?", yes)
-        change = k.certify(keyring, key.fingerprint, passphrase=app.config.passphrase(), signer=app.config.identity.key)
+    key = app.site.keys.get(key_id)
+    if not key.certified:
+        err.print("certify this key?")
+        _describe(key)
+        _ask("Did you check this fingerprint with the key owner?", yes)
+    change = app.site.keys.certify(key.fingerprint)
     out.print(echo_escape(change.message))
 
 
@@ -235,15 +212,14 @@ def certify(app: AppContext, key_id: str, yes: bool) -> None:
 @handle_errors
 def revoke(app: AppContext, key_id: str, yes: bool) -> None:
     """Revoke this site's key, or withdraw the certification of a peer's key."""
-    with _keyring(app) as keyring:
-        key = k.find_key(keyring, key_id)
-        _describe(key)
-        if key.has_secret:
-            question = "Revoke this site's OWN key for good (peers will refuse it once they import the revocation)?"
-        else:
-            question = "Withdraw this site's certification (mail signed with this key will be refused)?"
-        _ask(question, yes)
-        change = k.revoke(keyring, key.fingerprint, passphrase=app.config.passphrase(), own=app.config.identity.key)
+    key = app.site.keys.get(key_id)
+    _describe(key)
+    if key.has_secret:
+        question = "Revoke this site's OWN key for good (peers will refuse it once they import the revocation)?"
+    else:
+        question = "Withdraw this site's certification (mail signed with this key will be refused)?"
+    _ask(question, yes)
+    change = app.site.keys.revoke(key.fingerprint)
     out.print(echo_escape(change.message))
     if key.has_secret and change.changed:
         info(f"next: dicommail keys export {key.fingerprint} -o revoked.pub.asc and send it to every peer")
@@ -257,13 +233,27 @@ def revoke(app: AppContext, key_id: str, yes: bool) -> None:
 @handle_errors
 def delete(app: AppContext, key_id: str, secret: bool, yes: bool) -> None:
     """Delete a key from the keyring."""
-    with _keyring(app) as keyring:
-        key = k.find_key(keyring, key_id)
-        _describe(key)
-        if key.has_secret and secret:
-            question = "Delete this site's SECRET key? Mail encrypted to it can never be read again."
-        else:
-            question = "Delete this key?"
-        _ask(question, yes)
-        k.delete(keyring, key.fingerprint, secret=secret)
+    key = app.site.keys.get(key_id)
+    _describe(key)
+    if key.has_secret and secret:
+        question = "Delete this site's SECRET key? Mail encrypted to it can never be read again."
+    else:
+        question = "Delete this key?"
+    _ask(question, yes)
+    app.site.keys.delete(key.fingerprint, secret=secret)
     out.print(f"deleted {key.fingerprint}")
+
+
+@keys.command()
+@click.argument("key_id", metavar="[ID]", required=False)
+@click.option("--expires", default="2y", show_default=True, help="e.g. 2y, 18m, 365d, 2028-12-31 or never.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+@handle_errors
+def extend(app: AppContext, key_id: str | None, expires: str, as_json: bool) -> None:
+    """Extend the expiry of this site's own key (default) and its subkeys."""
+    change = app.site.keys.extend(key_id, expires)
+    if as_json:
+        print_json({"ok": True, **change.to_json()})
+        return
+    out.print(echo_escape(change.message))

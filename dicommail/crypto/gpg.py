@@ -437,7 +437,7 @@ class Keyring:
             return CryptoError(
                 f"cannot sign with this site's key {name or signer}: {reason}",
                 "check identity.key in dicommail.toml and `dicommail keys list --secret`; "
-                "an expired key can be extended with gpg --quick-set-expire, or make a new one with "
+                "an expired key can be extended with `dicommail keys extend`, or make a new one with "
                 "`dicommail keys generate`",
             )
         if result.has("BAD_PASSPHRASE") or _ERR_BAD_PASSPHRASE in codes:

@@ -84,6 +84,11 @@ class KeyInfo:
     def user_id(self) -> str:
         return self.user_ids[0] if self.user_ids else ""
 
+    @property
+    def grouped_fingerprint(self) -> str:
+        """The fingerprint in groups of four, for reading aloud (see :func:`format_fingerprint`)."""
+        return format_fingerprint(self.fingerprint)
+
     def to_json(self) -> dict[str, object]:
         return {
             "fingerprint": self.fingerprint,
@@ -102,11 +107,15 @@ class KeyInfo:
 
 @dataclass(frozen=True)
 class KeyChange:
-    """What certify/revoke did: the key afterwards, whether anything changed, and why."""
+    """What certify/revoke/extend did: the key afterwards, whether anything changed, and why."""
 
     key: KeyInfo
     changed: bool
     message: str
+
+    def to_json(self) -> dict[str, object]:
+        """What ``dicommail keys extend --json`` prints (after ``"ok": true``)."""
+        return {"changed": self.changed, "message": self.message, "key": self.key.to_json()}
 
 
 # -- formatting --------------------------------------------------------------
@@ -279,8 +288,11 @@ def find_key(keyring: Keyring, key_id: str, *, secret: bool = False) -> KeyInfo:
     return matches[0]
 
 
-def own_key(keyring: Keyring, configured: str = "") -> KeyInfo:
-    """This site's signing key: the configured one, or the only usable secret key."""
+def own_key(keyring: Keyring, configured: str = "", *, allow_expired: bool = False) -> KeyInfo:
+    """This site's signing key: the configured one, or the only usable secret key.
+
+    ``allow_expired`` counts an expired secret key as usable (to extend it).
+    """
     if configured:
         try:
             return find_key(keyring, configured, secret=True)
@@ -295,7 +307,8 @@ def own_key(keyring: Keyring, configured: str = "") -> KeyInfo:
             f"this site has no key yet (no secret key in {keyring.home})",
             "create one: dicommail keys generate --name NAME --email ADDRESS --passphrase-file FILE",
         )
-    usable = [k for k in secrets if k.validity not in ("revoked", "expired", "disabled", "invalid")]
+    unusable = ("revoked", "disabled", "invalid") if allow_expired else ("revoked", "expired", "disabled", "invalid")
+    usable = [k for k in secrets if k.validity not in unusable]
     if not usable:
         states = "; ".join(f"{k.fingerprint} is {k.validity}" for k in secrets)
         raise CryptoError(
@@ -337,12 +350,7 @@ def generate(
         raise InputError(f"{name!r} is not usable as a key name", "use the site's name, e.g. 'Radiology Example Town'")
     if not re.fullmatch(r"[^<>@\s]+@[^<>@\s]+", email):
         raise InputError(f"{email!r} is not a mail address")
-    expires = expires.strip().lower()
-    if not _EXPIRES_RE.match(expires):
-        raise InputError(
-            f"{expires!r} is not an expiry",
-            "use e.g. 2y, 18m, 52w, 365d, an ISO date (2028-12-31) or never",
-        )
+    expires = _check_expires(expires)
     primary, sub = _ALGORITHMS[algo]
     user_id = f"{name.strip()} <{email}>"
     # Without a passphrase gpg must still be told so, or the agent would ask;
@@ -371,6 +379,17 @@ def generate(
             "try again; if it persists, check `gpg --version` (GnuPG 2.2 or later is needed)",
         )
     return find_key(keyring, fpr)
+
+
+def _check_expires(expires: str) -> str:
+    """An expiry as gpg takes it (``2y``, ``365d``, ``2028-12-31``, ``never``), or InputError."""
+    expires = expires.strip().lower()
+    if not _EXPIRES_RE.match(expires):
+        raise InputError(
+            f"{expires!r} is not an expiry",
+            "use e.g. 2y, 18m, 52w, 365d, an ISO date (2028-12-31) or never",
+        )
+    return expires
 
 
 # -- import / export -------------------------------------------------------------
@@ -640,6 +659,91 @@ def _uncertify(keyring: Keyring, key: KeyInfo, passphrase: str | None) -> KeyCha
     return KeyChange(after, True, f"withdrew this site's certification of {after.fingerprint}: no longer trusted")
 
 
+# -- expiry --------------------------------------------------------------------
+
+
+def extend(
+    keyring: Keyring, key_id: str = "", expires: str = "2y", passphrase: str | None = None, own: str = ""
+) -> KeyChange:
+    """Set the expiry of this site's own key and of its subkeys to ``expires`` (``2y``: two years from now).
+
+    Only a key's owner can extend it, so a peer's key is refused, and so is a
+    secret key that is not this site's (``own``, i.e. identity.key, as for
+    :func:`revoke`).  An empty ``key_id`` means this site's key, expired or
+    not: extending it is how an expired key becomes usable again.  Peers see
+    the new date only once they import the public key again.
+    """
+    expires = _check_expires(expires)
+    key = find_key(keyring, key_id) if key_id.strip() else own_key(keyring, own, allow_expired=True)
+    if not key.has_secret:
+        raise CryptoError(
+            f"{key.fingerprint} is a peer's key: only its owner can extend its expiry",
+            "ask the peer to extend their key (dicommail keys extend) and to send you the public key again; "
+            "then import it with dicommail keys import",
+        )
+    if not _is_own_key(keyring, key, own):
+        raise CryptoError(
+            f"{key.fingerprint} has its secret key in this keyring but is not this site's key "
+            + (f"({own})" if own else "(it is not trusted as our own, and identity.key is not set)"),
+            "set identity.key in dicommail.toml to this site's key; a peer extends its own key and sends it again",
+        )
+    if key.validity == "revoked":
+        raise CryptoError(
+            f"{key.fingerprint} is revoked and cannot be extended",
+            "generate a new key with `dicommail keys generate` and send its public key to your peers",
+        )
+    before = (key.expires, _subkey_expiries(keyring, key.fingerprint))
+    result = keyring.run(["--quick-set-expire", key.fingerprint, expires], passphrase=passphrase)
+    _raise_passphrase(result, key.fingerprint)
+    _check_set_expire(result, key.fingerprint, "the key")
+    # Subkeys are named one by one: gpg's "*" skips subkeys that have expired
+    # already, and an expired encryption subkey is the usual reason to extend.
+    subkeys = list(_subkey_expiries(keyring, key.fingerprint))
+    if subkeys:
+        result = keyring.run(["--quick-set-expire", key.fingerprint, expires, *subkeys], passphrase=passphrase)
+        _raise_passphrase(result, key.fingerprint)
+        _check_set_expire(result, key.fingerprint, "its subkeys")
+    after = find_key(keyring, key.fingerprint)
+    until = after.expires.date().isoformat() if after.expires else "never"
+    if (after.expires, _subkey_expiries(keyring, after.fingerprint)) == before:
+        return KeyChange(after, False, f"{after.fingerprint} already expires {until}: nothing changed")
+    return KeyChange(
+        after,
+        True,
+        f"extended {after.fingerprint} and its subkeys to {until}: export the public key again "
+        f"(dicommail keys export {after.fingerprint} -o site.pub.asc) and send it to every peer, "
+        "or they refuse this site's mail once the old date has passed",
+    )
+
+
+def _subkey_expiries(keyring: Keyring, fingerprint: str) -> dict[str, str]:
+    """Expiry (gpg's raw field, empty for never) of each subkey that is not revoked, by fingerprint."""
+    listing = keyring.run(["--with-colons", "--fixed-list-mode", "--list-keys", fingerprint])
+    found: dict[str, str] = {}
+    pending: tuple[str, str] | None = None
+    for line in listing.stdout.decode("latin-1").splitlines():
+        fields = line.split(":")
+        if fields[0] == "sub" and len(fields) > 6:
+            pending = (fields[1], fields[6])
+        elif fields[0] == "fpr" and len(fields) > 9 and pending is not None:
+            validity, expiry = pending
+            if validity != "r":  # a revoked subkey stays revoked: extending it would only confuse peers
+                found[fields[9]] = expiry
+            pending = None
+        elif fields[0] in ("pub", "uid"):
+            pending = None
+    return found
+
+
+def _check_set_expire(result: GpgResult, fingerprint: str, what: str) -> None:
+    # gpg exits 0 even when --quick-set-expire fails; the ERROR status line tells.
+    if result.returncode != 0 or result.has("ERROR"):
+        raise CryptoError(
+            f"could not set the expiry of {what} of {fingerprint}: {result.log_excerpt() or 'gpg failed'}",
+            "check the key with `dicommail keys list --secret` and run the command again",
+        )
+
+
 def delete(keyring: Keyring, key_id: str, secret: bool = False) -> KeyInfo:
     """Delete a key (with ``secret``: its secret part too; needed for our own key)."""
     key = find_key(keyring, key_id)
@@ -680,6 +784,7 @@ __all__ = [
     "certify",
     "delete",
     "export_key",
+    "extend",
     "find_key",
     "format_fingerprint",
     "generate",
