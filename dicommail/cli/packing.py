@@ -1,20 +1,17 @@
-"""What ``pack`` and ``send`` share: their options, finding studies, packing with progress."""
+"""What ``pack`` and ``send`` share: their options, skipped files, progress bars."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TimeRemainingColumn, TransferSpeedColumn
 
+from dicommail import ProgressUpdate
 from dicommail.cli.render import echo_escape, err, warn
 from dicommail.config import parse_size
-from dicommail.crypto.gpg import Keyring
-from dicommail.dicom import DicomFile, scan
-from dicommail.errors import InputError
-from dicommail.wire.pack import PackedSet, Packer, PackOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,30 +66,42 @@ def byte_progress(quiet: bool, total: int) -> Progress:
     )
 
 
-def find_studies(paths: Sequence[Path], command: str) -> dict[str, list[DicomFile]]:
-    """The DICOM files under ``paths`` by study; what is skipped is said, and none at all is an error."""
-    result = scan(paths)
-    for _path, reason in result.skipped:
-        warn(echo_escape(reason) + " - skipped")
-    studies = result.studies()
-    if not studies:
-        raise InputError("no DICOM files found in the given paths", f"point {command} at DICOM files or folders")
-    return studies
+def warn_skipped(_path: Path, reason: str) -> None:
+    """An ``on_skip`` callback for pack and send: each file that is not sent, as a warning."""
+    warn(echo_escape(reason) + " - skipped")
 
 
-def pack_studies(
-    keyring: Keyring,
-    options: PackOptions,
-    studies: dict[str, list[DicomFile]],
-    out_dir: Path,
-    sets: list[PackedSet],
-    *,
-    quiet: bool,
-) -> None:
-    """Pack each study into ``out_dir`` with a progress bar, appending each set to ``sets`` as it is done."""
-    total = sum(f.size for files in studies.values() for f in files)
-    with byte_progress(quiet, total) as progress:
-        task = progress.add_task("packing", total=total)
-        packer = Packer(keyring, options, progress=lambda n: progress.advance(task, n))
-        for files in studies.values():
-            sets.append(packer.pack(files, out_dir))
+class ProgressBars:
+    """A progress callback that draws each task's updates as a :func:`byte_progress` bar.
+
+    One bar at a time: a new task ("packing", then "sending") replaces the
+    previous bar, as the jobs follow one another.  Use it as a context
+    manager, so that the last bar is taken down however the job ends.
+    """
+
+    def __init__(self, quiet: bool) -> None:
+        self._quiet = quiet
+        self._name: str | None = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        if self._progress is None or self._task is None or update.task != self._name:
+            self.close()
+            self._progress = byte_progress(self._quiet, update.total)
+            self._progress.start()
+            self._task = self._progress.add_task(update.task, total=update.total)
+            self._name = update.task
+        self._progress.update(self._task, completed=update.completed)
+
+    def close(self) -> None:
+        """Take the current bar down (before printing a message, say)."""
+        progress, self._progress, self._task, self._name = self._progress, None, None, None
+        if progress is not None:
+            progress.stop()
+
+    def __enter__(self) -> ProgressBars:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

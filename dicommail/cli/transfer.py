@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.table import Table
 
+from dicommail import UnpackReport
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.packing import find_studies, pack_studies, packing_options
+from dicommail.cli.packing import ProgressBars, packing_options, warn_skipped
 from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, out, print_json, warn
-from dicommail.config import format_size, is_mail_address
-from dicommail.crypto.gpg import Keyring
-from dicommail.crypto.keys import own_key
+from dicommail.config import format_size
 from dicommail.errors import InputError
-from dicommail.receiver.daemon import own_addresses
-from dicommail.sender.packing import pack_options, sender_address
-from dicommail.wire.pack import PackedSet
-from dicommail.wire.unpack import UnpackReport, unpack_files
 
 
 @click.command()
@@ -49,30 +43,22 @@ def pack(
     as_json: bool,
 ) -> None:
     """Pack DICOM files or folders into signed, encrypted DICOM-Mail sets (one set per study)."""
-    config = app.config
-    if not is_mail_address(recipient):
-        raise InputError(f"--to {recipient!r} is not a mail address")
-    keyring = Keyring(config.gnupg_home)
-    try:
-        me = own_key(keyring, config.identity.key)
-        sender = sender_address(config, me, sender)
-        studies = find_studies(paths, "pack")
-        options = pack_options(
-            config,
-            me,
-            sender,
+    site = app.site
+    with ProgressBars(as_json) as bars:
+        sets = site.pack(
+            list(paths),
             recipient,
+            out_dir,
+            sender=sender,
             note=note,
             attachments=attachments,
             emergency=emergency,
             max_mail_size=max_mail_size,
+            progress=bars,
+            on_skip=warn_skipped,
         )
-        sets: list[PackedSet] = []
-        pack_studies(keyring, options, studies, out_dir, sets, quiet=as_json)
-    finally:
-        keyring.close()
     if as_json:
-        print_json({"ok": True, "sets": [_set_json(s) for s in sets]})
+        print_json({"ok": True, "sets": [s.to_json() for s in sets]})
         return
     for packed in sets:
         fragments = sum(1 for m in packed.mails if m.fragment)
@@ -81,28 +67,6 @@ def pack(
             f"{packed.set_id}  {packed.file_count} files, {format_size(packed.byte_count)} "
             f"in {packed.set_total} mail(s){extra} -> {echo_escape(str(out_dir))}"
         )
-
-
-def _set_json(packed: PackedSet) -> dict[str, Any]:
-    return {
-        "set_id": packed.set_id,
-        "study_instance_uid": packed.study_uid,
-        "recipient": packed.recipient,
-        "files": packed.file_count,
-        "bytes": packed.byte_count,
-        "set_total": packed.set_total,
-        "mails": [
-            {
-                "path": str(m.path),
-                "set_part": m.set_part,
-                "message_id": m.message_id,
-                "size": m.size,
-                "fragment": m.fragment,
-                "fragments": m.fragments,
-            }
-            for m in packed.mails
-        ],
-    }
 
 
 @click.command()
@@ -120,61 +84,13 @@ def _set_json(packed: PackedSet) -> dict[str, Any]:
 @handle_errors
 def unpack(app: AppContext, mails: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
     """Decrypt, verify and reassemble DICOM-Mail files (any order, duplicates allowed)."""
-    config = app.config
-    keyring = Keyring(config.gnupg_home)
-    try:
-        report = unpack_files(
-            list(mails),
-            keyring,
-            out_dir,
-            max_output=config.unpacking.max_decrypted_size,
-            passphrase=config.passphrase(),
-            own_addresses=frozenset(own_addresses(config, keyring)),
-        )
-    finally:
-        keyring.close()
+    report = app.site.unpack(list(mails), out_dir)
     if as_json:
-        print_json(_report_json(report))
+        print_json(report.to_json())
     else:
         _print_report(report)
     if not report.ok:
         raise SystemExit(EXIT_FAILURE)
-
-
-def _report_json(report: UnpackReport) -> dict[str, Any]:
-    return {
-        "ok": report.ok,
-        "sets": [
-            {
-                "set_id": s.set_id,
-                "ok": s.ok,
-                "directory": str(s.directory) if s.directory else None,
-                "parts_received": s.parts_received,
-                "set_total": s.set_total,
-                "dicom_files": s.dicom_files,
-                "other_files": s.other_files,
-                "signer": s.signer,
-                "warnings": s.warnings,
-                "error": _error_json(s.error),
-            }
-            for s in report.sets
-        ],
-        "rejected": [{"mail": str(path), "error": _error_json(exc)} for path, exc in report.rejected],
-    }
-
-
-def _error_json(exc: Exception | None) -> dict[str, Any] | None:
-    if exc is None:
-        return None
-    data: dict[str, Any] = {
-        "code": getattr(exc, "code", "error"),
-        "message": str(exc),
-        "hint": getattr(exc, "hint", ""),
-    }
-    missing = getattr(exc, "missing_parts", None)
-    if missing:
-        data["missing_parts"] = missing
-    return data
 
 
 def _print_report(report: UnpackReport) -> None:

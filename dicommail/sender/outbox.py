@@ -16,6 +16,7 @@ configuration problems: they are raised to the caller and count no attempt.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import sqlite3
@@ -24,10 +25,10 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from dicommail.errors import AuthenticationError, DicommailError, TransportError
-from dicommail.store.db import Database, StateError
+from dicommail.errors import AuthenticationError, DicommailError, StateError, TransportError
+from dicommail.store.db import Database
 from dicommail.wire.pack import PackedSet
 
 log = logging.getLogger("dicommail.sender")
@@ -69,6 +70,8 @@ class TransferResult:
     error: str | None  # the last failure's reason (also of a temporary one)
     next_attempt_at: float | None  # queued/sending: when the next mail is due
     hint: str = ""  # what to do about a failure in this run (not stored)
+    #: The set's mails in sending order, with their state (see :func:`with_mails`; empty if not asked for).
+    outbound_mails: tuple[OutboundMail, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -78,6 +81,22 @@ class TransferResult:
     def waiting(self) -> bool:
         """Not finished, but will be tried again (``dicommail send --pending``)."""
         return self.status in (QUEUED, SENDING)
+
+    def to_json(self) -> dict[str, Any]:
+        """The transfer as ``dicommail send --json`` prints it (one entry of its ``sets`` list)."""
+        # Shaped like ``pack --json`` (a "mails" list), plus the sending state.
+        return {
+            "set_id": self.set_id,
+            "recipient": self.recipient,
+            "status": self.status,
+            "set_total": self.set_total,
+            "mails": [m.to_json() for m in self.outbound_mails],
+            "mails_sent": self.mails_sent,
+            "sent_now": self.sent_now,
+            "error": self.error,
+            "hint": self.hint or None,
+            "next_attempt_at": self.next_attempt_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,21 @@ class OutboundMail:
     attempts: int
     sent_at: float | None
     last_error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The mail as ``dicommail send --json`` lists it."""
+        return {
+            "path": str(self.path),
+            "set_part": self.set_part,
+            "message_id": self.message_id,
+            "size": self.size,
+            "fragment": self.fragment,
+            "fragments": self.fragments,
+            "status": self.status,
+            "attempts": self.attempts,
+            "sent_at": self.sent_at,
+            "error": self.last_error,
+        }
 
 
 def transfer_mails(db: Database, transfer_id: int) -> list[OutboundMail]:
@@ -114,6 +148,21 @@ def transfer_mails(db: Database, transfer_id: int) -> list[OutboundMail]:
         )
         for row in rows
     ]
+
+
+def with_mails(db: Database, result: TransferResult) -> TransferResult:
+    """``result`` with its :attr:`~TransferResult.outbound_mails` read from the outbox."""
+    return dataclasses.replace(result, outbound_mails=tuple(transfer_mails(db, result.transfer_id)))
+
+
+def queued_bytes(db: Database, transfer_ids: Collection[int] | None = None) -> int:
+    """Wire bytes still queued in unfinished transfers (all, or those in ``transfer_ids``): a run's most."""
+    rows = db.query(
+        "SELECT m.transfer_id, m.size FROM outbound_mails m JOIN transfers t ON t.id = m.transfer_id"
+        " WHERE m.status = ? AND t.status IN (?, ?)",
+        (QUEUED, QUEUED, SENDING),
+    )
+    return sum(row["size"] for row in rows if transfer_ids is None or row["transfer_id"] in transfer_ids)
 
 
 def retry_delay(attempts: int) -> float:

@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicommail.sender.outbox import TransferResult
-from dicommail.site.base import ProgressCallback, SiteBase
-from dicommail.wire.pack import PackedSet
-from dicommail.wire.unpack import UnpackReport
+from dicommail.config import is_mail_address
+from dicommail.crypto.gpg import Keyring
+from dicommail.crypto.keys import own_key
+from dicommail.dicom import DicomFile, scan
+from dicommail.errors import ConfigError, DicommailError, InputError
+from dicommail.sender.outbox import (
+    TransferResult,
+    queue_set,
+    queued_bytes,
+    send_pending,
+    sender_lock,
+    transfer_result,
+    with_mails,
+)
+from dicommail.sender.packing import pack_options, sender_address
+from dicommail.sender.tracking import record_study_details
+from dicommail.site.base import Counter, ProgressCallback, SiteBase
+from dicommail.store.db import Database
+from dicommail.transport.smtp import SmtpClient
+from dicommail.wire.pack import PackedSet, Packer, PackOptions
+from dicommail.wire.unpack import UnpackReport, unpack_files
+
+__all__ = ["PackedSet", "Sending", "SkipCallback", "TransferResult", "UnpackReport"]
+
+log = logging.getLogger("dicommail.site")
+
+#: Called with ``(path, reason)`` for each file found under the given paths that is not sent
+#: (not DICOM, or an instance already found); ``reason`` is a sentence that names the file.
+SkipCallback = Callable[[Path, str], None]
+
+#: Studies found under the given paths: study UID -> its DICOM files, in sending order.
+_Studies = dict[str, list[DicomFile]]
 
 
 class Sending(SiteBase):
@@ -26,13 +58,51 @@ class Sending(SiteBase):
         emergency: bool = False,
         max_mail_size: int | None = None,
         progress: ProgressCallback | None = None,
+        on_skip: SkipCallback | None = None,
     ) -> list[PackedSet]:
-        """Pack the DICOM files under ``paths`` (one set per study) for ``to`` into ``out_dir``; send nothing."""
-        raise NotImplementedError
+        """Pack the DICOM files under ``paths`` (one set per study) for ``to`` into ``out_dir``; send nothing.
+
+        ``paths`` are files or folders; files that are not DICOM are skipped (see ``on_skip``).
+        ``sender`` overrides identity.address as the From address, ``max_mail_size``
+        the configured largest mail; ``note`` (text) and ``attachments`` (files) travel
+        encrypted in part 1 of every set.  ``progress`` gets "packing" updates in bytes
+        (from gpg's worker threads).  Each set's mails appear in ``out_dir`` all or none.
+
+        Raises :class:`~dicommail.errors.InputError` if ``to`` is no mail address or no DICOM
+        file is found, :class:`~dicommail.errors.RecipientKeyError` if ``to`` has no certified,
+        valid key, :class:`~dicommail.errors.KeyNotFoundError` without a key of this site's own.
+        """
+        with self._keyring() as keyring:
+            options, studies = self._prepare(
+                keyring, paths, to, sender, note, attachments, emergency, max_mail_size, on_skip, "pack"
+            )
+            sets: list[PackedSet] = []
+            _pack_studies(keyring, options, studies, out_dir, sets, progress)
+        return sets
 
     def unpack(self, mails: Sequence[Path], out_dir: Path, *, progress: ProgressCallback | None = None) -> UnpackReport:
-        """Decrypt, verify and reassemble mail files (any order, duplicates allowed) into ``out_dir``."""
-        raise NotImplementedError
+        """Decrypt, verify and reassemble mail files (any order, duplicates allowed) into ``out_dir``.
+
+        Every complete set whose signer this site has certified is written to a folder of its own
+        under ``out_dir``, all files or none.  What fails does not raise: the report lists failed
+        sets and rejected mails with their errors (``report.ok`` is False then).  ``progress`` gets
+        "unpacking" updates counted in mails.
+        """
+        config = self.config
+        # Imported here: the receiver's IMAP/POP3 clients cost import time that the other jobs can do without.
+        from dicommail.receiver.daemon import own_addresses
+
+        counter = Counter(progress, "unpacking", len(mails), unit="mails")
+        with self._keyring() as keyring:
+            return unpack_files(
+                list(mails),
+                keyring,
+                out_dir,
+                max_output=config.unpacking.max_decrypted_size,
+                passphrase=config.passphrase(),
+                own_addresses=frozenset(own_addresses(config, keyring)),
+                progress=counter.advance,
+            )
 
     def send(
         self,
@@ -46,9 +116,54 @@ class Sending(SiteBase):
         max_mail_size: int | None = None,
         progress: ProgressCallback | None = None,
         on_wait: Callable[[], None] | None = None,
+        on_skip: SkipCallback | None = None,
     ) -> list[TransferResult]:
-        """Pack, queue and submit over SMTP; returns each transfer with its state (sent, queued, failed)."""
-        raise NotImplementedError
+        """Pack, queue and submit over SMTP; returns each transfer with its state (sent, queued, failed).
+
+        Packs like :meth:`pack` (same arguments), into the outbox; each set is queued
+        with what it holds (for ``transfers()``), then its mails go out in order.  A
+        temporary SMTP failure leaves a transfer queued (``result.waiting``) for
+        :meth:`send_pending`; a permanent one fails it (``status == "failed"``).
+        ``progress`` gets "packing", then "sending" updates, both in bytes; ``on_wait``
+        is called before waiting for another process that is sending from this home.
+        This call blocks; it runs its own event loop, so call it outside of one.
+
+        Raises :class:`~dicommail.errors.ConfigError` for a bad ``[smtp]`` section before
+        anything is packed, the errors of :meth:`pack` (then nothing is queued), and
+        :class:`~dicommail.errors.AuthenticationError` and other non-temporary connection
+        errors (a bad TLS certificate).  An error raised after the sets were queued carries
+        their transfer IDs in its ``queued_transfers`` attribute: they stay in the outbox for
+        :meth:`send_pending`.
+        """
+        config = self.config
+        # Checked before packing, which may take long: a bad [smtp] section fails at once.
+        client = SmtpClient.from_config(config)
+        with self._keyring() as keyring:
+            options, studies = self._prepare(
+                keyring, paths, to, sender, note, attachments, emergency, max_mail_size, on_skip, "send"
+            )
+            sets: list[PackedSet] = []
+            try:
+                _pack_studies(keyring, options, studies, config.spool / "outbox", sets, progress)
+            except BaseException:
+                # Nothing is queued yet: mails packed so far would only be orphans.
+                for packed in sets:
+                    for mail in packed.mails:
+                        mail.path.unlink(missing_ok=True)
+                raise
+        with self._database() as db:
+            # What each transfer holds (images, patient, study) is remembered locally, for `transfers()`.
+            transfer_ids = [
+                queue_set(db, packed, on_queued=functools.partial(_remember, studies.get(packed.study_uid, [])))
+                for packed in sets
+            ]
+            try:
+                return self._submit(db, client, options.sender, transfer_ids, progress, on_wait)
+            except DicommailError as exc:
+                # The sets are safe in the outbox; the caller learns which, to say so or retry them.
+                # (An attribute like IncompleteSetError.missing_parts, but on whichever error it is.)
+                exc.queued_transfers = tuple(transfer_ids)
+                raise
 
     def send_pending(
         self,
@@ -57,5 +172,120 @@ class Sending(SiteBase):
         progress: ProgressCallback | None = None,
         on_wait: Callable[[], None] | None = None,
     ) -> list[TransferResult]:
-        """Submit what the outbox holds that is due (retries after an SMTP outage)."""
-        raise NotImplementedError
+        """Submit what the outbox holds that is due (retries after an SMTP outage).
+
+        Returns every unfinished transfer looked at, also those not yet due (``sent_now == 0``).
+        ``sender`` overrides the envelope sender (default identity.address, else this site's
+        key's address).  ``progress`` gets "sending" updates in bytes; ``on_wait`` as for
+        :meth:`send`.  Raises :class:`~dicommail.errors.ConfigError` for a bad ``[smtp]``
+        section or no sender address, and the connection errors of :meth:`send`.
+        """
+        config = self.config
+        client = SmtpClient.from_config(config)
+        if not sender and not config.identity.address:
+            with self._keyring() as keyring:
+                sender = own_key(keyring, config.identity.key).email
+        sender = sender or config.identity.address
+        if not is_mail_address(sender):
+            raise ConfigError("no sender address", "set identity.address in dicommail.toml or pass --from")
+        with self._database() as db:
+            return self._submit(db, client, sender, None, progress, on_wait)
+
+    # -- shared steps -------------------------------------------------------------
+
+    def _prepare(
+        self,
+        keyring: Keyring,
+        paths: Sequence[Path],
+        to: str,
+        sender: str,
+        note: str,
+        attachments: Sequence[Path],
+        emergency: bool,
+        max_mail_size: int | None,
+        on_skip: SkipCallback | None,
+        command: str,
+    ) -> tuple[PackOptions, _Studies]:
+        """Check the addresses and this site's key, find the studies: all that may fail before packing."""
+        if not is_mail_address(to):
+            raise InputError(f"--to {to!r} is not a mail address")
+        config = self.config
+        me = own_key(keyring, config.identity.key)
+        sender = sender_address(config, me, sender)
+        studies = _find_studies(paths, command, on_skip)
+        options = pack_options(
+            config,
+            me,
+            sender,
+            to,
+            note=note,
+            attachments=attachments,
+            emergency=emergency,
+            max_mail_size=max_mail_size,
+        )
+        return options, studies
+
+    def _submit(
+        self,
+        db: Database,
+        client: SmtpClient,
+        sender: str,
+        transfer_ids: list[int] | None,
+        progress: ProgressCallback | None,
+        on_wait: Callable[[], None] | None,
+    ) -> list[TransferResult]:
+        """Send due mails (all, or of ``transfer_ids``) under the outbox lock; results with their mails."""
+        config = self.config
+        with sender_lock(config.spool / "outbox", on_wait=on_wait):
+            # Counted under the lock: another run may have sent some while we waited.
+            counter = Counter(progress, "sending", queued_bytes(db, transfer_ids))
+            results = asyncio.run(
+                send_pending(
+                    db,
+                    lambda: client,
+                    sender=sender,
+                    max_attempts=config.smtp.max_attempts,
+                    transfer_ids=transfer_ids,
+                    progress=counter.advance,
+                )
+            )
+        if transfer_ids is not None:
+            # Another run may have sent some of ours while we waited for the lock: report them all.
+            by_id = {r.transfer_id: r for r in results}
+            results = [by_id.get(i) or transfer_result(db, i) for i in transfer_ids]
+        return [with_mails(db, r) for r in results]
+
+
+def _find_studies(paths: Sequence[Path], command: str, on_skip: SkipCallback | None) -> _Studies:
+    """The DICOM files under ``paths`` by study; what is skipped is reported, and none at all is an error."""
+    result = scan(paths)
+    for path, reason in result.skipped:
+        log.debug("skipped: %s", reason)  # names a file, so not at the default level
+        if on_skip is not None:
+            on_skip(path, reason)
+    studies = result.studies()
+    if not studies:
+        raise InputError("no DICOM files found in the given paths", f"point {command} at DICOM files or folders")
+    return studies
+
+
+def _pack_studies(
+    keyring: Keyring,
+    options: PackOptions,
+    studies: _Studies,
+    out_dir: Path,
+    sets: list[PackedSet],
+    progress: ProgressCallback | None,
+) -> None:
+    """Pack each study into ``out_dir``, appending each set to ``sets`` as it is done (for a cleanup)."""
+    # Attachments ride in every set, and the packer counts them as it writes them.
+    extra = sum(path.stat().st_size for path in options.attachments if path.is_file())
+    total = sum(f.size for files in studies.values() for f in files) + extra * len(studies)
+    counter = Counter(progress, "packing", total)
+    packer = Packer(keyring, options, progress=counter.advance)
+    for files in studies.values():
+        sets.append(packer.pack(files, out_dir))
+
+
+def _remember(files: list[DicomFile], conn: sqlite3.Connection, transfer_id: int) -> None:
+    record_study_details(conn, transfer_id, files)

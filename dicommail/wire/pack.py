@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dicommail import __version__
 from dicommail.crypto.gpg import Keyring
@@ -58,6 +58,8 @@ COMPRESSION_MARGIN = 1.25
 
 @dataclass(frozen=True)
 class PackOptions:
+    """What to pack for whom: sender and recipient, signing key, mail size, note, attachments."""
+
     sender: str
     recipient: str
     signer: str
@@ -73,6 +75,8 @@ class PackOptions:
 
 @dataclass(frozen=True)
 class PackedMail:
+    """One mail of a packed set: its file, set part, Message-ID, wire size and fragment number (0: whole)."""
+
     path: Path
     set_part: int
     message_id: str
@@ -83,6 +87,8 @@ class PackedMail:
 
 @dataclass
 class PackedSet:
+    """One study packed as a set of mails for one recipient (``mails`` in part order)."""
+
     set_id: str
     study_uid: str
     recipient: str
@@ -90,6 +96,28 @@ class PackedSet:
     byte_count: int
     set_total: int
     mails: list[PackedMail] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The set as ``dicommail pack --json`` prints it (one entry of its ``sets`` list)."""
+        return {
+            "set_id": self.set_id,
+            "study_instance_uid": self.study_uid,
+            "recipient": self.recipient,
+            "files": self.file_count,
+            "bytes": self.byte_count,
+            "set_total": self.set_total,
+            "mails": [
+                {
+                    "path": str(m.path),
+                    "set_part": m.set_part,
+                    "message_id": m.message_id,
+                    "size": m.size,
+                    "fragment": m.fragment,
+                    "fragments": m.fragments,
+                }
+                for m in self.mails
+            ],
+        }
 
 
 @dataclass(frozen=True)

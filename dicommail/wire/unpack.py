@@ -20,10 +20,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
+from typing import Any
 
 from dicommail.crypto.gpg import Keyring, Verification
 from dicommail.dicom import DicomFile, read_dicom_info
@@ -541,6 +542,8 @@ def write_set(verified: VerifiedSet, out_dir: Path, name: str = "") -> Path:
 
 @dataclass
 class SetOutcome:
+    """What became of one set in :func:`unpack_files`: written to ``directory``, or ``error``."""
+
     set_id: str
     ok: bool
     parts_received: int
@@ -552,15 +555,49 @@ class SetOutcome:
     error: DicommailError | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def to_json(self) -> dict[str, Any]:
+        """The set as ``dicommail unpack --json`` prints it (one entry of its ``sets`` list)."""
+        return {
+            "set_id": self.set_id,
+            "ok": self.ok,
+            "directory": str(self.directory) if self.directory else None,
+            "parts_received": self.parts_received,
+            "set_total": self.set_total,
+            "dicom_files": self.dicom_files,
+            "other_files": self.other_files,
+            "signer": self.signer,
+            "warnings": self.warnings,
+            "error": _error_json(self.error),
+        }
+
 
 @dataclass
 class UnpackReport:
+    """The result of unpacking mail files: one outcome per set found, and the mails refused outright."""
+
     sets: list[SetOutcome] = field(default_factory=list)
     rejected: list[tuple[Path, DicommailError]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.rejected and bool(self.sets) and all(s.ok for s in self.sets)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as ``dicommail unpack --json`` prints it."""
+        return {
+            "ok": self.ok,
+            "sets": [s.to_json() for s in self.sets],
+            "rejected": [{"mail": str(path), "error": _error_json(exc)} for path, exc in self.rejected],
+        }
+
+
+def _error_json(exc: DicommailError | None) -> dict[str, Any] | None:
+    if exc is None:
+        return None
+    data: dict[str, Any] = {"code": exc.code, "message": str(exc), "hint": exc.hint}
+    if isinstance(exc, IncompleteSetError) and exc.missing_parts:
+        data["missing_parts"] = exc.missing_parts
+    return data
 
 
 def unpack_files(
@@ -571,24 +608,35 @@ def unpack_files(
     max_output: int,
     passphrase: str | None = None,
     own_addresses: frozenset[str] = frozenset(),
+    progress: Callable[[int], None] | None = None,
 ) -> UnpackReport:
     """Unpack mails given in any order, with duplicates: every complete, verified set goes to ``out_dir``.
 
     With ``own_addresses``, a part whose signed inner ``To`` names none of them is refused.
+    ``progress`` receives how many of ``paths`` have been dealt with since its last call
+    (a mail joined from n fragments counts n once it is decrypted); the counts add up to ``len(paths)``.
     """
+
+    def advance(count: int) -> None:
+        if progress is not None and count:
+            progress(count)
+
     report = UnpackReport()
     out_dir.mkdir(parents=True, exist_ok=True)
     with scratch_dir(out_dir, ".dicommail-work-") as work:
         whole: list[Path] = []
+        weight: dict[Path, int] = {}  # input mails each whole mail stands for (fragments joined)
         fragments: dict[str, list[tuple[FragmentInfo, Path]]] = {}
         for path in paths:
             try:
                 envelope = read_envelope(path)
             except DicommailError as exc:
                 report.rejected.append((path, exc))
+                advance(1)
                 continue
             if envelope.fragment is None:
                 whole.append(path)
+                weight[path] = weight.get(path, 0) + 1
             else:
                 fragments.setdefault(envelope.fragment.id, []).append((envelope.fragment, path))
         for number, pieces in enumerate(fragments.values(), 1):
@@ -597,8 +645,10 @@ def unpack_files(
                 join_fragments(pieces, joined)
             except DicommailError as exc:
                 report.rejected.append((pieces[0][1], exc))
+                advance(len(pieces))
                 continue
             whole.append(joined)
+            weight[joined] = len(pieces)
 
         # A set belongs to its signer: another key reusing the set ID makes another set.
         parts: dict[tuple[str, str], list[ReceivedPart]] = {}
@@ -613,6 +663,9 @@ def unpack_files(
             except DicommailError as exc:
                 report.rejected.append((path, exc))
                 continue
+            finally:
+                # A file given twice is in ``whole`` twice: its first opening counts for both.
+                advance(weight.pop(path, 0))
             parts.setdefault((part.signer.fingerprint, part.set_id), []).append(part)
 
         for (_signer, set_id), members in parts.items():
