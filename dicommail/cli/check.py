@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from dicommail.checks import CheckResult, run_checks
+from dicommail import CheckResult
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.render import EXIT_FAILURE, echo_escape, out, print_json
 from dicommail.errors import DicommailError
@@ -20,8 +20,8 @@ def check(app: AppContext, as_json: bool) -> None:
     Keys must not expire within 30 days.  Exit status 1 if anything fails.
     """
     try:
-        results = run_checks(app.config)
-    except DicommailError as exc:  # the config itself: nothing else can be checked
+        results = app.site.check()
+    except DicommailError as exc:  # the config itself cannot be read: nothing else can be checked
         results = [CheckResult("config", False, exc.message, exc.hint)]
     ok = all(r.ok for r in results)
     if as_json:

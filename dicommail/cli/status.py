@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 import click
 from rich.table import Table
 
+from dicommail import TransferDetail, TransferView
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.render import confirm, echo_escape, handle_errors, info, out, print_json
 from dicommail.config import format_size
 from dicommail.errors import InputError
-from dicommail.sender import tracking as t
-from dicommail.store.db import Database
 
 _STYLE = {
-    t.DELIVERED: "green",
-    t.ACKNOWLEDGED: "cyan",
+    "delivered": "green",
+    "acknowledged": "cyan",
     "sent": "cyan",
     "sending": "yellow",
     "queued": "yellow",
     "failed": "red",
-    t.EXPIRED: "red",
-    t.CANCELLED: "dim",
+    "expired": "red",
+    "cancelled": "dim",
 }
 
 
@@ -44,11 +44,11 @@ def _duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _since(value: str | None) -> float | None:
+def _since(value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value).timestamp()
+        return datetime.fromisoformat(value)
     except ValueError as exc:
         raise InputError(f"--since {value!r} is not a date", "use e.g. 2026-11-23 or 2026-11-23T08:00") from exc
 
@@ -71,22 +71,14 @@ def status(
 
     With IDENT (a set ID or transfer number): that transfer's timeline, mail by mail.
     """
-    config = app.config
-    db = Database(config.state_db)
-    try:
-        t.expire_overdue(db, config.tracking.ack_timeout)
-        if ident:
-            _show_one(db, ident, show_patient, as_json)
-            return
-        states = {
-            "active": t.ACTIVE,
-            "waiting": t.WAITING,
-            "done": (t.DELIVERED,),
-            "failed": t.UNSUCCESSFUL,
-        }.get(filters or "", ())
-        views = t.list_transfers(db, states, _since(since))
-    finally:
-        db.close()
+    if ident:
+        detail = app.site.transfer(ident)
+        if as_json:
+            print_json(detail.to_json(show_patient))
+        else:
+            _show_one(detail, show_patient)
+        return
+    views = app.site.transfers(state=filters, since=_since(since))
     if as_json:
         print_json({"ok": True, "transfers": [v.to_json(show_patient) for v in views]})
         return
@@ -130,22 +122,8 @@ def status(
     out.print(table)
 
 
-def _show_one(db: Database, ident: str, show_patient: bool, as_json: bool) -> None:
-    view = t.get_transfer(db, ident)
-    events = t.timeline(db, view.id)
-    report = t.final_report(db, view.id)
-    if as_json:
-        print_json(
-            {
-                "ok": True,
-                "transfer": view.to_json(show_patient),
-                "final_report": report,
-                "timeline": [
-                    {"at": e.at, "event": e.event, "set_part": e.set_part, "detail": e.detail} for e in events
-                ],
-            }
-        )
-        return
+def _show_one(detail: TransferDetail, show_patient: bool) -> None:
+    view, events, report = detail.transfer, detail.timeline, detail.final_report
     style = _STYLE.get(view.status, "")
     out.print(
         f"[bold]set {view.set_id}[/bold] (transfer {view.id}) to {echo_escape(view.recipient)}: "
@@ -194,9 +172,15 @@ def transfers() -> None:
     """Manage sent transfers: retry, cancel or delete one."""
 
 
-def _confirmed(question: str, yes: bool) -> None:
-    if not confirm(question, yes):
-        raise InputError("not confirmed; nothing was changed", "answer yes on a terminal, or pass --yes in scripts")
+def _asker(question: Callable[[TransferView], str], yes: bool) -> Callable[[TransferView], bool]:
+    """The library's ``confirm`` hook: ask before anything changes, or refuse without a terminal."""
+
+    def ask(view: TransferView) -> bool:
+        if not confirm(question(view), yes):
+            raise InputError("not confirmed; nothing was changed", "answer yes on a terminal, or pass --yes in scripts")
+        return True
+
+    return ask
 
 
 @transfers.command()
@@ -206,18 +190,11 @@ def _confirmed(question: str, yes: bool) -> None:
 @handle_errors
 def retry(app: AppContext, ident: str, yes: bool) -> None:
     """Queue a failed, expired or cancelled transfer again (its unacknowledged parts)."""
-    db = Database(app.config.state_db)
-    try:
-        view = t.get_transfer(db, ident)
-        _confirmed(
-            f"Send the unacknowledged parts of set {view.set_id} ({view.status}) to {view.recipient} again?", yes
-        )
-        count = t.retry_transfer(db, view.id)
-    finally:
-        db.close()
+    change = app.site.retry(ident, confirm=_asker(
+        lambda v: f"Send the unacknowledged parts of set {v.set_id} ({v.status}) to {v.recipient} again?", yes))
     info(
-        f"{count} mail(s) of set {view.set_id} queued again; they go out with `dicommail send --pending` "
-        "or the running `dicommail receive`"
+        f"{change.mails_queued} mail(s) of set {change.transfer.set_id} queued again; they go out with "
+        "`dicommail send --pending` or the running `dicommail receive`"
     )
 
 
@@ -228,18 +205,11 @@ def retry(app: AppContext, ident: str, yes: bool) -> None:
 @handle_errors
 def cancel(app: AppContext, ident: str, yes: bool) -> None:
     """Stop an active transfer: mails not yet sent stay unsent; later notifications change nothing."""
-    db = Database(app.config.state_db)
-    try:
-        view = t.get_transfer(db, ident)
-        _confirmed(
-            f"Cancel set {view.set_id} ({view.status}, {view.parts_sent}/{view.set_total} part(s) sent) "
-            f"to {view.recipient}?",
-            yes,
-        )
-        t.cancel_transfer(db, view.id)
-    finally:
-        db.close()
-    info(f"set {view.set_id} cancelled")
+    change = app.site.cancel(ident, confirm=_asker(
+        lambda v: f"Cancel set {v.set_id} ({v.status}, {v.parts_sent}/{v.set_total} part(s) sent) to {v.recipient}?",
+        yes,
+    ))
+    info(f"set {change.transfer.set_id} cancelled")
 
 
 @transfers.command()
@@ -249,14 +219,9 @@ def cancel(app: AppContext, ident: str, yes: bool) -> None:
 @handle_errors
 def delete(app: AppContext, ident: str, yes: bool) -> None:
     """Remove a finished transfer, its records and its mails in the outbox."""
-    db = Database(app.config.state_db)
-    try:
-        view = t.get_transfer(db, ident)
-        _confirmed(f"Delete set {view.set_id} ({view.status}) and its {view.mails} mail(s) from the outbox?", yes)
-        removed = t.delete_transfer(db, view.id)
-    finally:
-        db.close()
-    info(f"set {view.set_id} deleted ({removed} file(s) removed)")
+    change = app.site.delete(ident, confirm=_asker(
+        lambda v: f"Delete set {v.set_id} ({v.status}) and its {v.mails} mail(s) from the outbox?", yes))
+    info(f"set {change.transfer.set_id} deleted ({change.files_removed} file(s) removed)")
 
 
 COMMANDS: list[click.Command] = [status, transfers]

@@ -40,9 +40,9 @@ from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import find_key
 from dicommail.dicom import DicomFile
-from dicommail.errors import CryptoError, DicommailError
+from dicommail.errors import CryptoError, DicommailError, StateError
 from dicommail.sender.outbox import FAILED, QUEUED, SENDING, SENT
-from dicommail.store.db import Database, StateError
+from dicommail.store.db import Database
 from dicommail.wire import notifications as n
 
 log = logging.getLogger("dicommail.sender")
@@ -54,11 +54,11 @@ EXPIRED = "expired"
 CANCELLED = "cancelled"
 
 #: Not finished: mails still go out or the receiver has not said its last word.
-ACTIVE = (QUEUED, SENDING, SENT, ACKNOWLEDGED)
+ACTIVE: tuple[str, ...] = (QUEUED, SENDING, SENT, ACKNOWLEDGED)
 #: All mails are out; waiting for the receiver.
-WAITING = (SENT, ACKNOWLEDGED)
+WAITING: tuple[str, ...] = (SENT, ACKNOWLEDGED)
 #: Ended without delivery.
-UNSUCCESSFUL = (FAILED, EXPIRED, CANCELLED)
+UNSUCCESSFUL: tuple[str, ...] = (FAILED, EXPIRED, CANCELLED)
 ALL_STATES = (QUEUED, SENDING, SENT, ACKNOWLEDGED, DELIVERED, FAILED, EXPIRED, CANCELLED)
 
 _FRAGMENT_ID = re.compile(r"^<?([^@<>]+?)(?:\.f\d+)?@([^<>]+)>?$")
@@ -364,6 +364,12 @@ def _numbers(parts: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class TransferView:
+    """One sent transfer as ``dicommail status`` shows it: its state, counts and times (Unix seconds).
+
+    ``patient_name`` and ``study_description`` are this site's own record of
+    what was sent; :meth:`to_json` leaves them out unless ``show_patient``.
+    """
+
     id: int
     set_id: str
     recipient: str
@@ -459,10 +465,16 @@ def get_transfer(db: Database, ident: str) -> TransferView:
 
 @dataclass(frozen=True)
 class TimelineEntry:
+    """One step of a transfer's history: ``at`` (Unix seconds), what happened, to which part (None: the set)."""
+
     at: float
     event: str
     set_part: int | None
     detail: str
+
+    def to_json(self) -> dict[str, object]:
+        """The entry as ``dicommail status IDENT --json`` prints it."""
+        return {"at": self.at, "event": self.event, "set_part": self.set_part, "detail": self.detail}
 
 
 def timeline(db: Database, transfer_id: int) -> list[TimelineEntry]:
