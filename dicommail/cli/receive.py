@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import click
 
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.render import handle_errors, out, print_json, setup_logging
-from dicommail.crypto.gpg import Keyring
-from dicommail.receiver.daemon import CycleReport, Receiver, crash_hook_from_env, receiver_lock
-from dicommail.receiver.spool import Spool
-from dicommail.store.db import Database
 
 
 @click.command()
@@ -24,47 +19,13 @@ from dicommail.store.db import Database
 @handle_errors
 def receive(app: AppContext, once: bool, interval: int | None, verbose: int, as_json: bool) -> None:
     """Poll the mailbox, verify incoming sets and forward complete studies to the PACS."""
-    # Imported here: pynetdicom and aioimaplib load slowly and only this command needs them.
-    from dicommail.receiver.destinations import make_destination
-    from dicommail.receiver.retrievers import make_retriever
-
-    config = app.config
-    if interval is not None:
-        config = dataclasses.replace(config, receiver=dataclasses.replace(config.receiver, interval=interval))
+    site = app.site
     setup_logging(verbose)
-    with receiver_lock(config.home):
-        db = Database(config.state_db)
-        keyring = Keyring(config.gnupg_home)
-        try:
-            spool = Spool(config.spool)
-            retriever = make_retriever(config, db, spool)
-            receiver = Receiver(config, retriever, make_destination(config), db, keyring, crash_hook_from_env())
-
-            async def main() -> CycleReport | None:
-                receiver.install_signal_handlers()
-                try:
-                    if once:
-                        return await receiver.cycle()
-                    await receiver.run_forever()
-                    return None
-                finally:
-                    await retriever.close()
-
-            report = asyncio.run(main())
-        finally:
-            keyring.close()
-            db.close()
+    report = asyncio.run(site.receive(once=once, interval=interval, handle_signals=True))
     if report is None:
         return
     if as_json:
-        print_json(
-            {
-                "ok": report.fetch_error is None,
-                "sets": report.sets,
-                "quarantined_mails": report.quarantined,
-                "fetch_error": report.fetch_error.message if report.fetch_error else None,
-            }
-        )
+        print_json(report.to_json())
     else:
         summary = ", ".join(f"{n} {status}" for status, n in sorted(report.sets.items())) or "none"
         out.print(f"sets: {summary}; quarantined mails: {report.quarantined}")

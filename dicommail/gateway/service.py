@@ -30,14 +30,14 @@ import shutil
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import DicomFile, read_dicom_info
-from dicommail.errors import ConfigError, DicommailError, TransportError
+from dicommail.errors import ConfigError, DicommailError, GatewayLockedError, TransportError
 from dicommail.gateway.ingest import (
     COMPLETE,
     FAILED,
@@ -52,6 +52,7 @@ from dicommail.gateway.scp import StoreService
 from dicommail.sender.outbox import ClientFactory, queue_set, send_pending, sender_lock
 from dicommail.sender.packing import pack_options, sender_address
 from dicommail.store.db import Database
+from dicommail.store.files import pid_lock
 from dicommail.transport.smtp import SmtpClient
 from dicommail.wire.pack import Packer
 
@@ -63,6 +64,17 @@ TICK = 0.5
 SHUTDOWN_GRACE = 10.0
 #: A study whose packing failed this many times in a row is marked failed instead of retried.
 MAX_PACK_ATTEMPTS = 5
+
+
+@contextlib.contextmanager
+def gateway_lock(home: Path) -> Iterator[None]:
+    """Hold ``<home>/gateway.lock``, or fail at once if another gateway runs for this home."""
+    with pid_lock(home / "gateway.lock") as locked:
+        if not locked:
+            raise GatewayLockedError(
+                f"another dicommail gateway is running for {home}", "run one gateway per home; stop the other one"
+            )
+        yield
 
 
 def recipient_key(recipient: str) -> str:
@@ -115,6 +127,7 @@ class Gateway:
         *,
         client_factory: ClientFactory | None = None,
         crash_hook: Callable[[str], None] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         if not config.routes:
             raise ConfigError(
@@ -136,7 +149,8 @@ class Gateway:
         self.ingest = Ingest(db, config.spool, self._crash_hook,
                              duplicate_window=float(config.gateway.duplicate_window))
         self.service = StoreService(config.gateway, config.routes, self.ingest, self.tracker)
-        self.stop = asyncio.Event()
+        #: Set it (a signal handler, or the program that runs this gateway) to stop cleanly.
+        self.stop = stop if stop is not None else asyncio.Event()
         self._ready: list[int] = []  # studies to pack, oldest first
         self._jobs: dict[int, asyncio.Task[None]] = {}
         self._not_before: dict[int, float] = {}  # study -> when a failed packing may be tried again

@@ -18,11 +18,11 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
-from dicommail.errors import AuthenticationError, DicommailError, TransportError
+from dicommail.errors import AuthenticationError, DicommailError, ReceiverLockedError, TransportError
 from dicommail.receiver.notify import Notifier
 from dicommail.receiver.pipeline import Destination, Pipeline
 from dicommail.receiver.spool import Spool
@@ -49,7 +49,13 @@ class Retriever(Protocol):
 
 @dataclass
 class CycleReport:
-    """What one fetch-and-process cycle did, for ``receive --once``."""
+    """What one fetch-and-process cycle did (``receive --once``).
+
+    ``sets`` counts this home's received sets by status (all of them, not just
+    this cycle's); ``quarantined`` counts the quarantined mails.  A failed
+    fetch is not raised but kept in ``fetch_error``: mail already stored was
+    still processed and forwarded.
+    """
 
     fetch_error: DicommailError | None = None
     sets: dict[str, int] = field(default_factory=dict)
@@ -59,9 +65,19 @@ class CycleReport:
     #: Outbox mails (resends and queued transfers) sent in this cycle.
     mails_sent: int = 0
 
+    @property
+    def ok(self) -> bool:
+        """True if fetching worked (processing problems are recorded per set, not here)."""
+        return self.fetch_error is None
 
-class ReceiverLockedError(DicommailError):
-    code = "locked"
+    def to_json(self) -> dict[str, Any]:
+        """The document ``dicommail receive --once --json`` prints."""
+        return {
+            "ok": self.ok,
+            "sets": dict(self.sets),
+            "quarantined_mails": self.quarantined,
+            "fetch_error": self.fetch_error.message if self.fetch_error else None,
+        }
 
 
 @contextlib.contextmanager
@@ -143,6 +159,7 @@ class Receiver:
         keyring: Keyring,
         crash_hook: Callable[[str], None] | None = None,
         smtp: ClientFactory | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.retriever = retriever
@@ -169,7 +186,8 @@ class Receiver:
             quarantine_days=config.receiver.quarantine_days,
             in_flight_check=config.pacs.in_flight_check != "none",
         )
-        self.stop = asyncio.Event()
+        #: Set it (a signal handler, or the program that runs this receiver) to stop after the current step.
+        self.stop = stop if stop is not None else asyncio.Event()
 
     async def cycle(self) -> CycleReport:
         """Fetch what is new, then do all processing that is ready."""
