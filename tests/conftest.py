@@ -1,4 +1,4 @@
-"""Shared fixtures: real GnuPG keyrings for the two demo sites and a stranger.
+"""Shared fixtures: real GnuPG keyrings for the two demo sites and a stranger; the test bed's servers.
 
 GnuPG homes live in short directories under /tmp (``tempfile.mkdtemp``),
 not in pytest's tmp_path: gpg-agent's socket path must stay under 108
@@ -8,6 +8,7 @@ certify/revoke/delete on them): use ``new_keyring`` for that.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import pytest
 from dicommail.crypto.demo import install_demo_site
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import KeyInfo, certify, export_key, generate, import_keys, own_key
+from testbed import MailServers, Pacs, ensure_installed
+from testbed.install import missing_packages
 
 KEYS_DIR = Path(__file__).resolve().parents[1] / "keys"
 HOSPITAL = "hospital@hospital.test"
@@ -120,3 +123,29 @@ def short_tmp() -> Iterator[Path]:
     if (path / "gnupg").exists():
         Keyring(path / "gnupg").close()
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the test bed: real servers (Postfix + Dovecot, Orthanc) on loopback, started once per session ----------------
+# In temporary directories under /tmp (short paths, reachable by the postfix and mail users), killed and
+# removed at the end.  Missing Debian packages are installed first (root).
+
+
+@pytest.fixture(scope="session")
+def _installed() -> None:
+    if missing_packages() and os.geteuid() != 0:
+        pytest.skip("testbed packages missing and not root to install them")
+    ensure_installed()
+
+
+@pytest.fixture(scope="session")
+def mail_servers(_installed: None) -> Iterator[MailServers]:
+    """Postfix + Dovecot with accounts hospital@hospital.test and practice@practice.test."""
+    with MailServers() as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
+def pacs(_installed: None) -> Iterator[Pacs]:
+    """Orthanc with AE title PRACTICEPACS."""
+    with Pacs() as server:
+        yield server

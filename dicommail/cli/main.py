@@ -10,7 +10,9 @@ import click
 from dicommail import Site, __version__
 from dicommail.cli.render import handle_errors, info
 from dicommail.config import Config, default_home
-from dicommail.site.base import PRIVATE_UMASK
+
+#: Whatever dicommail creates (spool, state, decoded parts, keys) is for the service account only.
+PRIVATE_UMASK = 0o077
 
 
 class AppContext:

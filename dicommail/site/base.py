@@ -10,9 +10,8 @@ from pathlib import Path
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.store.db import Database
-from dicommail.store.files import PRIVATE_UMASK
 
-__all__ = ["PRIVATE_UMASK", "Counter", "ProgressCallback", "ProgressUpdate", "SiteBase"]
+__all__ = ["Counter", "ProgressCallback", "ProgressUpdate", "SiteBase"]
 
 
 @dataclass(frozen=True)
