@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.errors import AuthenticationError, DicommailError, ReceiverLockedError, TransportError
+from dicommail.receiver.destinations import FolderDestination
 from dicommail.receiver.notify import Notifier
 from dicommail.receiver.pipeline import Destination, Pipeline
 from dicommail.receiver.spool import Spool
@@ -185,6 +186,8 @@ class Receiver:
             own_addresses=own_addresses(config, keyring),
             quarantine_days=config.receiver.quarantine_days,
             in_flight_check=config.pacs.in_flight_check != "none",
+            test_destination=FolderDestination(config.resolve(config.constancy.test_destination))
+            if config.constancy.test_destination else None,
         )
         #: Set it (a signal handler, or the program that runs this receiver) to stop after the current step.
         self.stop = stop if stop is not None else asyncio.Event()

@@ -262,8 +262,12 @@ class Notifier:
         files: int | None = None,
         dicom_instances: int | None = None,
         warnings: int = 0,
+        constancy: dict[str, object] | None = None,
     ) -> None:
-        """The set is delivered, or has definitively failed: the final notification."""
+        """The set is delivered, or has definitively failed: the final notification.
+
+        ``constancy``: the results of a test set's constancy check (a delivered test set only).
+        """
         if isinstance(error, _LOCAL_ERRORS):
             return
         if status == "delivered":
@@ -271,6 +275,7 @@ class Notifier:
             report = self._set_report(conn, set_ref, status, outcome, files=files, dicom_instances=dicom_instances)
             if warnings:
                 report.message = f"{warnings} warning(s) while verifying; see the receiving site's log"
+            report.constancy = constancy
         else:
             missing = error.missing_parts if isinstance(error, IncompleteSetError) else []
             reason = reason_code(error) if error is not None else "error"

@@ -39,6 +39,7 @@ from itertools import islice, product
 from pathlib import Path
 from typing import Any, Protocol
 
+from dicommail.constancy.values import ConstancyMark, compare
 from dicommail.crypto.gpg import Keyring, Verification
 from dicommail.crypto.keys import find_key
 from dicommail.dicom import DicomFile
@@ -54,7 +55,7 @@ from dicommail.errors import (
     WireFormatError,
 )
 from dicommail.receiver.inbox import DICOM_MAIL, FRAGMENT, REPORT
-from dicommail.receiver.notify import Notifier
+from dicommail.receiver.notify import Notifier, iso
 from dicommail.receiver.spool import Spool
 from dicommail.store.db import Database, now
 from dicommail.store.files import atomic_writer, fsync_dir
@@ -67,6 +68,8 @@ log = logging.getLogger("dicommail.receiver")
 
 #: Backoff between forwarding attempts: doubles up to this many seconds.
 MAX_BACKOFF = 1800.0
+#: Most "<keyword> (instance <n>)" entries a constancy receipt lists (the peer's parser accepts no more).
+MAX_MISMATCHED = 1000
 #: Combinations of fragment candidates tried per group and cycle (forged duplicates make more).
 MAX_FRAGMENT_COMBINATIONS = 16
 #: errno values that mean the machine, not the mail, is at fault: the round stops and is repeated.
@@ -161,6 +164,7 @@ class Pipeline:
         own_addresses: Iterable[str] = (),
         quarantine_days: float = 30.0,
         in_flight_check: bool = True,
+        test_destination: Destination | None = None,
     ) -> None:
         self.db = db
         # Acknowledgements back to senders (None: none are recorded), and notifications that arrive here.
@@ -169,6 +173,8 @@ class Pipeline:
         self.spool = spool
         self.keyring = keyring
         self.destination = destination
+        #: Where constancy check test sets go instead of ``destination`` (``None``: nowhere, they are discarded).
+        self.test_destination = test_destination
         self.max_output = max_output
         self.passphrase = passphrase
         self.set_timeout = set_timeout
@@ -541,7 +547,13 @@ class Pipeline:
     def _forward(self, row: Any) -> None:
         set_ref, set_id = row["id"], row["set_id"]
         verified = self.load_set(set_ref)
-        self._settle_in_flight(set_ref, verified)
+        # A constancy check's test set never reaches the clinical destination, whatever happens.
+        constancy: dict[str, object] | None = None
+        destination: Destination = self.destination
+        if verified.constancy is not None:
+            constancy = self._check_constancy(set_ref, verified, verified.constancy)
+            destination = self.test_destination if self.test_destination is not None else _Nowhere()
+        self._settle_in_flight(set_ref, verified, destination)
         done = {r["sop_instance_uid"] for r in self.db.query(
             "SELECT sop_instance_uid FROM forwarded_instances WHERE set_ref = ? AND state = 'stored'", (set_ref,))}
 
@@ -566,7 +578,7 @@ class Pipeline:
             self._crash_hook("during-forward")
 
         try:
-            self.destination.deliver(verified, done, on_stored, on_sending)
+            destination.deliver(verified, done, on_stored, on_sending)
         except DestinationError as exc:
             attempts = row["attempts"] + 1
             if not exc.temporary or (self.retry_limit and attempts >= self.retry_limit):
@@ -590,11 +602,68 @@ class Pipeline:
             if self.notifier is not None:
                 self.notifier.on_set_finished(conn, set_ref, "delivered", files=len(verified.files),
                                               dicom_instances=len(verified.dicom_files),
-                                              warnings=len(verified.warnings))
+                                              warnings=len(verified.warnings), constancy=constancy)
         self._remove_parts(set_ref)
-        log.info("set %s delivered: %d DICOM files", set_id, len(verified.dicom_files))
+        if constancy is not None:
+            where = "the test destination" if self.test_destination is not None else "nowhere (discarded)"
+            log.info("set %s (constancy check test set) delivered to %s: %d DICOM files", set_id, where,
+                     len(verified.dicom_files))
+        else:
+            log.info("set %s delivered: %d DICOM files", set_id, len(verified.dicom_files))
 
-    def _settle_in_flight(self, set_ref: int, verified: VerifiedSet) -> None:
+    def _check_constancy(self, set_ref: int, verified: VerifiedSet, mark: ConstancyMark) -> dict[str, object]:
+        """Compare every instance of a test set with the sender's expectations: the receipt's results.
+
+        Instances are named by their position in the set (1-based), header
+        entries by keyword: no value of the files appears in the result.
+        """
+        dicom = [f for f in verified.dicom_files if f.dicom is not None]
+        received = [f.dicom.sop_instance_uid for f in dicom if f.dicom is not None]
+        missing = len(set(mark.instances) - set(received))
+        unexpected = len(set(received) - set(mark.instances))
+        mismatched: list[str] = []
+        headers_ok = quality_ok = bool(dicom) and not unexpected
+        reasons = []
+        bad_headers = bad_quality = 0
+        for number, (item, uid) in enumerate(zip(dicom, received, strict=True), 1):
+            expected = mark.instances.get(uid)
+            if expected is None:
+                continue
+            check = compare(item.path, expected, mark.entries)
+            mismatched += [f"{keyword} (instance {number})" for keyword in check.mismatched]
+            if not check.headers_ok:
+                headers_ok = False
+                bad_headers += 1
+            if not check.quality_ok:
+                quality_ok = False
+                bad_quality += 1
+        if missing:
+            reasons.append(f"{missing} instance(s) of the sender's list did not arrive")
+        if unexpected:
+            reasons.append(f"{unexpected} instance(s) arrived that the sender did not list")
+        if bad_headers:
+            reasons.append(f"header entries differ in {bad_headers} instance(s)")
+        if bad_quality:
+            reasons.append(f"the pixel data of {bad_quality} instance(s) differs or cannot be decoded")
+        last = self.db.query("SELECT MAX(received_at) AS t FROM inbound_mails WHERE set_ref = ?", (set_ref,))
+        result: dict[str, object] = {
+            "check_id": mark.check_id,
+            "kind": mark.kind,
+            "complete": not missing and not unexpected,
+            "headers_ok": headers_ok,
+            "quality_ok": quality_ok,
+            "mismatched": mismatched[:MAX_MISMATCHED],
+            "received_at": iso(last[0]["t"] if last else None),
+            "verified_at": iso(now()),
+            "reason": "; ".join(reasons) or None,
+        }
+        level = logging.INFO if result["complete"] and headers_ok and quality_ok else logging.WARNING
+        log.log(level, "set %s: constancy check %s (%s): complete %s, header entries unchanged %s, image quality %s%s",
+                verified.set_id, mark.check_id, mark.kind, result["complete"], headers_ok, quality_ok,
+                f" ({result['reason']})" if result["reason"] else "")
+        return result
+
+    def _settle_in_flight(self, set_ref: int, verified: VerifiedSet, destination: Destination) -> None:
         """Instances whose C-STORE was under way when we crashed: ask the destination before sending again.
 
         Where it cannot tell, the instance is sent again (at least once): the
@@ -606,7 +675,7 @@ class Pipeline:
             return
         series = {f.dicom.sop_instance_uid: f.dicom.series_uid for f in verified.dicom_files if f.dicom}
         for uid in in_flight:
-            held = self.destination.has_instance(verified.study_uid, series.get(uid), uid) \
+            held = destination.has_instance(verified.study_uid, series.get(uid), uid) \
                 if self.in_flight_check else None
             if held:
                 with self.db.transaction() as conn:
@@ -695,6 +764,18 @@ class Pipeline:
             log.info("removed %d quarantined item(s) older than %g days", removed, self.quarantine_days)
 
 
+class _Nowhere:
+    """The destination of a test set when no test destination is configured: it is checked, then discarded."""
+
+    def deliver(self, verified: VerifiedSet, done: set[str], on_stored: Callable[[str], None],
+                on_sending: Callable[[str], None] | None = None) -> None:
+        del verified, done, on_stored, on_sending
+
+    def has_instance(self, study_uid: str, series_uid: str | None, sop_instance_uid: str) -> bool | None:
+        del study_uid, series_uid, sop_instance_uid
+        return False
+
+
 def _address_of(user_id: str) -> str:
     address = email.utils.parseaddr(user_id)[1]
     return address.lower() if "@" in address else ""
@@ -714,6 +795,7 @@ def _save_part(part: ReceivedPart, directory: Path) -> None:
         "recipients": list(part.recipients) if part.recipients is not None else None,
         "signer": {**asdict(part.signer), "signed_at": part.signer.signed_at.isoformat()},
         "manifest": json.loads(part.manifest.to_json()) if part.manifest else None,
+        "constancy": json.loads(part.constancy.to_json()) if part.constancy else None,
         "files": [
             {
                 "content_id": f.content_id,
@@ -751,6 +833,7 @@ def _load_part(directory: Path) -> ReceivedPart:
         )
     manifest = Manifest.from_json(json.dumps(data["manifest"]).encode()) if data["manifest"] else None
     recipients = data.get("recipients")
+    constancy = data.get("constancy")
     return ReceivedPart(
         set_id=data["set_id"],
         set_part=data["set_part"],
@@ -762,4 +845,5 @@ def _load_part(directory: Path) -> ReceivedPart:
         manifest=manifest,
         note=data["note"],
         recipients=tuple(recipients) if recipients is not None else None,
+        constancy=ConstancyMark.from_json(json.dumps(constancy).encode()) if constancy else None,
     )

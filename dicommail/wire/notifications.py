@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dicommail import __version__
+from dicommail.constancy.values import KINDS, is_check_id
 from dicommail.crypto.gpg import Keyring, Verification
 from dicommail.errors import InputError, WireFormatError
 from dicommail.store.files import atomic_writer
@@ -155,9 +156,13 @@ class StatusReport:
     forwarded_at: str | None = None
     reported_at: str | None = None
     generator: str = f"dicommail {__version__}"
+    #: A constancy check's results (final set notification of a test set only; section 10 of the wire format).
+    constancy: dict[str, object] | None = None
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = {"format": "dicommail-status", "version": 1, **asdict(self)}
+        if self.constancy is None:
+            del data["constancy"]  # ordinary reports stay as they were
         return json.dumps(data, indent=1, ensure_ascii=True).encode("ascii") + b"\n"
 
     @classmethod
@@ -192,6 +197,7 @@ class StatusReport:
                 forwarded_at=_text_or_none(raw, "forwarded_at"),
                 reported_at=_text_or_none(raw, "reported_at"),
                 generator=_text_or_none(raw, "generator") or "",
+                constancy=_constancy_or_none(raw),
             )
         except (TypeError, ValueError) as exc:
             raise WireFormatError(f"the status report is malformed: {exc}") from exc
@@ -223,6 +229,41 @@ def _int_or_none(raw: dict[str, Any], key: str) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{key} must be a whole number")
     return value
+
+
+#: Bounds of a constancy result from a peer: its mismatch list and the length of each entry.
+MAX_MISMATCHED = 1000
+_CONSTANCY_FLAGS = ("complete", "headers_ok", "quality_ok")
+
+
+def _constancy_or_none(raw: dict[str, Any]) -> dict[str, object] | None:
+    """The ``constancy`` object, checked field by field; unknown fields are dropped, not trusted."""
+    value = raw.get("constancy")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("constancy must be an object")
+    result: dict[str, object] = {
+        "check_id": _text(value, "check_id"),
+        "kind": _text(value, "kind", KINDS),
+    }
+    if not is_check_id(result["check_id"]):
+        raise ValueError("constancy check_id is malformed")
+    for flag in _CONSTANCY_FLAGS:
+        if not isinstance(value.get(flag), bool):
+            raise ValueError(f"constancy {flag} must be true or false")
+        result[flag] = value[flag]
+    mismatched = value.get("mismatched", [])
+    if not isinstance(mismatched, list) or len(mismatched) > MAX_MISMATCHED or not all(
+            isinstance(m, str) and len(m) <= 200 for m in mismatched):
+        raise ValueError("constancy mismatched must be a list of short texts")
+    result["mismatched"] = list(mismatched)
+    for key in ("received_at", "verified_at", "reason"):
+        text = _text_or_none(value, key)
+        if key != "reason" and text is not None and len(text) > 64:
+            raise ValueError(f"constancy {key} is too long")
+        result[key] = text
+    return result
 
 
 def _int_list(raw: dict[str, Any], key: str) -> list[int]:
@@ -272,6 +313,13 @@ def human_text(report: StatusReport) -> str:
         where += f", part {report.set_part} of {report.set_total}"
     if report.outcome in (SUCCESS, WARNING) and report.scope == PART:
         text = f"{where}: received, signature and content verified."
+    elif report.outcome in (SUCCESS, WARNING) and report.constancy is not None:
+        found = ", ".join(f"{label}: {'yes' if report.constancy.get(key) is True else 'no'}" for key, label in (
+            ("complete", "complete"), ("headers_ok", "header entries unchanged"), ("quality_ok", "image quality")))
+        text = (
+            f"{where}: constancy check test set ({report.constancy.get('kind')}) received and checked, "
+            f"not forwarded to the archive: {found}."
+        )
     elif report.outcome in (SUCCESS, WARNING):
         text = (
             f"{where}: complete and delivered to the archive: {report.files} file(s), "

@@ -17,21 +17,26 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import io
+import json
 import mimetypes
 import shutil
 import threading
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from dicommail import __version__
+from dicommail.constancy.values import FILE_NAME as CONSTANCY_NAME
+from dicommail.constancy.values import HEADER as CONSTANCY_HEADER
+from dicommail.constancy.values import MEDIA_TYPE as CONSTANCY_TYPE
+from dicommail.constancy.values import ConstancyMark
 from dicommail.crypto.gpg import Keyring
 from dicommail.dicom import DicomFile
-from dicommail.errors import InputError
+from dicommail.errors import InputError, WireFormatError
 from dicommail.store.files import fsync_dir, fsync_file, scratch_dir
 from dicommail.wire import headers as h
 from dicommail.wire.manifest import Manifest, ManifestEntry
@@ -47,6 +52,9 @@ PART_OVERHEAD = 400
 #: Manifest bytes per listed file (UIDs, name, hash) and fixed.
 MANIFEST_PER_FILE = 640
 MANIFEST_FIXED = 1024
+#: Constancy mark bytes (a test transfer only): fixed per mail, and beyond each instance's JSON.
+CONSTANCY_FIXED = 2048
+CONSTANCY_PER_FILE = 128
 #: A wire-size estimate is kept this much under the limit, for rounding.
 SAFETY_MARGIN = 0.99
 #: Compression is predicted from this many files, this many bytes each ...
@@ -71,6 +79,8 @@ class PackOptions:
     attachments: tuple[Path, ...] = ()
     emergency: bool = False
     workers: int = 1
+    #: A constancy check's test transfer: each mail carries the mark with the expectations of its own instances.
+    constancy: ConstancyMark | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ class _Item:
     name: str
     media_type: str
     dicom: DicomFile | None = None
+    extra: int = 0  # bytes this item adds to the mail besides its part (its constancy expectations)
 
 
 def estimate_wire_size(items: Sequence[_Item], note: str = "", ratio: float = 1.0) -> int:
@@ -140,7 +151,7 @@ def estimate_wire_size(items: Sequence[_Item], note: str = "", ratio: float = 1.
     """
     inner = 1024 + MANIFEST_FIXED + len(note.encode()) * 3
     for item in items:
-        inner += PART_OVERHEAD + MANIFEST_PER_FILE + base64_size(item.size)
+        inner += PART_OVERHEAD + MANIFEST_PER_FILE + base64_size(item.size) + item.extra
     binary = int(inner * ratio) + OPENPGP_OVERHEAD
     armored = (binary + 2) // 3 * 4
     armored += (armored + 63) // 64 * 2 + 128  # CRLF per 64-character line, armor lines
@@ -210,6 +221,23 @@ def _items_for(files: Sequence[DicomFile], attachments: Sequence[Path]) -> list[
     return [_Item(i.path, i.size, i.kind, f"f{n:05d}", i.name, i.media_type, i.dicom) for n, i in enumerate(items, 1)]
 
 
+def _with_constancy(items: list[_Item], mark: ConstancyMark) -> list[_Item]:
+    """Items carrying the size of their share of the mark; :class:`InputError` if the mark lacks an instance."""
+    uids = [i.dicom.sop_instance_uid for i in items if i.dicom is not None]
+    try:
+        mark.subset(uids).validate()
+    except WireFormatError as exc:  # our own mark: a wrong argument, not a wire problem
+        raise InputError(f"the constancy mark cannot be sent: {exc.message}") from exc
+    result = []
+    for number, item in enumerate(items):
+        extra = CONSTANCY_FIXED if number == 0 else 0
+        if item.dicom is not None:
+            expectation = mark.instances[item.dicom.sop_instance_uid]
+            extra += len(json.dumps(expectation.to_dict(), indent=1)) * 2 + CONSTANCY_PER_FILE
+        result.append(replace(item, extra=extra))
+    return result
+
+
 class Packer:
     """Packs studies for one sender/recipient pair into ``out_dir``."""
 
@@ -228,6 +256,8 @@ class Packer:
             raise InputError(f"a set carries one study, got {len(studies)}")
         options = self.options
         items = _items_for(files, options.attachments)
+        if options.constancy is not None:
+            items = _with_constancy(items, options.constancy)
         set_id = h.new_set_id(options.uid_root)
         ratio = estimate_compression(items, options.compression_level)
         parts = plan_parts(items, options.max_mail_size, options.note, ratio)
@@ -309,6 +339,7 @@ class Packer:
                     (h.SETPART, str(number)),
                     (h.SETTOTAL, str(packed.set_total)),
                     (h.STUDYID, packed.study_uid),
+                    *([(CONSTANCY_HEADER, options.constancy.header_value())] if options.constancy else []),
                 ]
             )
             + CRLF
@@ -350,6 +381,20 @@ class Packer:
                 )
             )
             self._advance(size)
+        if options.constancy is not None:
+            mark = options.constancy.subset([i.dicom.sop_instance_uid for i in items if i.dicom is not None])
+            out.write(delimiter)
+            out.write(
+                header_block(
+                    [
+                        ("Content-Type", f'{CONSTANCY_TYPE}; name="{CONSTANCY_NAME}"'),
+                        ("Content-Transfer-Encoding", "7bit"),
+                        ("Content-Disposition", f'attachment; filename="{CONSTANCY_NAME}"'),
+                    ]
+                )
+                + CRLF
+            )
+            out.write(mark.to_json())
         manifest = Manifest(
             set_id=packed.set_id,
             study_instance_uid=packed.study_uid,

@@ -26,6 +26,9 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
+from dicommail.constancy.values import HEADER as CONSTANCY_HEADER
+from dicommail.constancy.values import MAX_MARK_SIZE, ConstancyMark, InstanceExpectation, parse_header
+from dicommail.constancy.values import MEDIA_TYPE as CONSTANCY_TYPE
 from dicommail.crypto.gpg import Keyring, Verification
 from dicommail.dicom import DicomFile, read_dicom_info
 from dicommail.errors import (
@@ -97,6 +100,8 @@ class ReceivedPart:
     #: Addresses of the signed inner ``To`` header (protected headers); ``None``
     #: when the sender put no ``To`` inside the encryption (older @GIT senders).
     recipients: tuple[str, ...] | None = None
+    #: The constancy check mark (a test transfer, docs/wire-format.md section 10) with this mail's instances.
+    constancy: ConstancyMark | None = None
 
 
 @dataclass
@@ -108,6 +113,8 @@ class VerifiedSet:
     files: list[ReceivedFile]
     note: str = ""
     warnings: list[str] = field(default_factory=list)
+    #: The parts' constancy marks merged (all instances of the set): a test set, never for the clinical PACS.
+    constancy: ConstancyMark | None = None
 
     @property
     def dicom_files(self) -> list[ReceivedFile]:
@@ -215,6 +222,7 @@ class _InnerHandler:
         self.work = work
         self.files: list[tuple[Message, _FileSink]] = []
         self.manifest: _MemorySink | None = None
+        self.constancy: _MemorySink | None = None
         self.notes: list[_MemorySink] = []
 
     def open_leaf(self, headers: Message) -> LeafSink | None:
@@ -225,6 +233,11 @@ class _InnerHandler:
                 raise WireFormatError("a set part carries two manifests")
             self.manifest = _MemorySink(MAX_MANIFEST_SIZE, "manifest")
             return self.manifest
+        if media == CONSTANCY_TYPE:
+            if self.constancy is not None:
+                raise WireFormatError("a set part carries two constancy marks")
+            self.constancy = _MemorySink(MAX_MARK_SIZE, "constancy mark")
+            return self.constancy
         if media == "text/plain" and not disposition.startswith("attachment") and not headers.get_filename():
             note = _MemorySink(MAX_NOTE_SIZE, "note text")
             self.notes.append(note)
@@ -307,6 +320,7 @@ def _to_part(
         raise WireFormatError("the X-TELEMEDICINE-STUDYID header is malformed")
 
     manifest = Manifest.from_json(bytes(handler.manifest.data)) if handler.manifest else None
+    constancy = _constancy(inner, handler)
     entries = {e.content_id: e for e in manifest.files} if manifest else {}
     files = []
     for number, (headers, sink) in enumerate(handler.files, 1):
@@ -348,7 +362,40 @@ def _to_part(
         manifest=manifest,
         note=note,
         recipients=recipients,
+        constancy=constancy,
     )
+
+
+def _constancy(inner: Message, handler: _InnerHandler) -> ConstancyMark | None:
+    """The part's constancy mark: the signed header and the JSON part come together and agree, or not at all."""
+    values = inner.get_all(CONSTANCY_HEADER) or []
+    if handler.constancy is None and not values:
+        return None
+    if handler.constancy is None or len(values) != 1:
+        raise WireFormatError(f"the {CONSTANCY_HEADER} header and the constancy mark part must come together, once")
+    check_id, kind = parse_header(str(values[0]))
+    mark = ConstancyMark.from_json(bytes(handler.constancy.data))
+    if (mark.check_id, mark.kind) != (check_id, kind):
+        raise WireFormatError(f"the constancy mark names another check than the {CONSTANCY_HEADER} header")
+    return mark
+
+
+def merge_constancy(set_id: str, parts: Sequence[ReceivedPart]) -> ConstancyMark | None:
+    """One mark for the set: every part carries one, for the same check, kind and entries; or none does."""
+    marks = [p.constancy for p in parts if p.constancy is not None]
+    if not marks:
+        return None
+    if len(marks) != len(parts):
+        raise IntegrityError(f"set {set_id}: some parts carry a constancy mark and others do not")
+    first = marks[0]
+    instances: dict[str, InstanceExpectation] = {}
+    for mark in marks:
+        if (mark.check_id, mark.kind, mark.entries) != (first.check_id, first.kind, first.entries):
+            raise IntegrityError(f"set {set_id}: the parts' constancy marks name different checks")
+        for uid, expectation in mark.instances.items():
+            if instances.setdefault(uid, expectation) != expectation:
+                raise IntegrityError(f"set {set_id}: two constancy marks expect different values of one instance")
+    return ConstancyMark(first.check_id, first.kind, first.entries, instances)
 
 
 # --- a whole set -------------------------------------------------------------
@@ -417,6 +464,7 @@ def verify_set(parts: Sequence[ReceivedPart]) -> VerifiedSet:
                 f"set {set_id}: two different files claim SOP Instance UID {item.dicom.sop_instance_uid}"
             )
     study_uid = first.study_uid or next(f.dicom.study_uid for f in files if f.dicom)
+    constancy = merge_constancy(set_id, ordered)
     return VerifiedSet(
         set_id=set_id,
         study_uid=study_uid,
@@ -425,6 +473,7 @@ def verify_set(parts: Sequence[ReceivedPart]) -> VerifiedSet:
         files=files,
         note="\n\n".join(p.note for p in ordered if p.note),
         warnings=warnings,
+        constancy=constancy,
     )
 
 
