@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dicommail.errors import ConfigError
+from dicommail.constancy.values import DEFAULT_HEADER_ENTRIES, check_entries
+from dicommail.errors import ConfigError, InputError
 
 CONFIG_NAME = "dicommail.toml"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
@@ -171,6 +172,28 @@ class TrackingConfig:
     notifications: bool = True
 
 
+@dataclass(frozen=True)
+class ConstancyConfig:
+    """``[constancy]``: DIN 6868-159 constancy checks (``dicommail constancy``)."""
+
+    #: A folder with the test data set (one study); empty: a synthetic CT made once in spool/constancy/dataset.
+    dataset: str = ""
+    #: Size of the synthetic test set in MiB (512x512 16-bit CT slices of 512 KiB each).
+    dataset_mib: int = _setting(20, low=1, high=4096)
+    #: DICOM keywords whose values the receiver compares with the sender's.
+    header_entries: tuple[str, ...] = _setting(DEFAULT_HEADER_ENTRIES, kind="keyword_list")
+    #: Seconds from the first mail handed to SMTP until the receipt; DIN 6868-159 allows at most 900.
+    time_limit: int = _setting(900, low=1, high=900)
+    #: Peers checked when ``--to`` is not given (and by the example timers).
+    peers: tuple[str, ...] = _setting((), kind="mail_list")
+    #: Where a failed check is reported by mail (through [smtp]); empty: the log and the exit code only.
+    admin_address: str = _setting("", kind="address")
+    #: Receiving side: a folder for received test sets (never the clinical PACS); empty: kept nowhere.
+    test_destination: str = ""
+    #: Years the check records are kept in state.db (separate from the transfers' records).
+    retention_years: int = _setting(10, low=1, high=100)
+
+
 #: How acknowledgements go back to a peer: signed+encrypted, plain RFC 8098 MDN, or both.
 NOTIFICATION_METHODS = ("pgp", "rfc", "both")
 
@@ -198,6 +221,7 @@ class Config:
     configured: frozenset[str] = frozenset()
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     routes: dict[str, RouteConfig] = field(default_factory=dict)
+    constancy: ConstancyConfig = field(default_factory=ConstancyConfig)
 
     @property
     def gnupg_home(self) -> Path:
@@ -280,6 +304,7 @@ _SECTIONS: dict[str, type] = {
     "pacs": PacsConfig,
     "gateway": GatewayConfig,
     "tracking": TrackingConfig,
+    "constancy": ConstancyConfig,
 }
 #: Sections that are tables of tables, keyed by a name (parsed separately).
 _KEYED_SECTIONS = ("peers", "routes")
@@ -412,6 +437,15 @@ def _check_kind(kind: str, value: Any, where: str) -> None:
     if kind == "ip_list":
         for item in value:
             _check_ip(item, where)
+    if kind == "keyword_list":
+        _check_keywords(value, where)
+
+
+def _check_keywords(value: tuple[str, ...], where: str) -> None:
+    try:
+        check_entries(value)
+    except InputError as exc:
+        raise ConfigError(f"{where}: {exc.message}", exc.hint) from exc
 
 
 def _check_ip(value: str, where: str) -> None:
@@ -577,8 +611,53 @@ notifications = true
 # default), "rfc" (plain RFC 8098 MDN, for senders that cannot decrypt them;
 # accepted from this peer only with this setting) or "both".
 # notification = "pgp"
+
+[constancy]
+# DIN 6868-159 constancy checks of teleradiology links: `dicommail constancy
+# run --to PEER --kind daily|monthly|acceptance` sends a test data set marked
+# as such inside the encryption; a receiving dicommail never forwards it to
+# the clinical PACS, compares it and answers with a signed receipt.  The
+# result, the transfer time (first mail handed to SMTP until the receipt)
+# and the per-criterion results are kept in state.db; `dicommail constancy
+# report` writes the month's signed PDF.  See examples/systemd/ for timers.
+# The test data set: a folder with one study.  Empty: a synthetic CT (no
+# patient data) generated once into spool/constancy/dataset.  DIN 6868-159
+# asks for the largest data set of the modalities sent over the link.
+dataset = ""
+# Size of the synthetic CT in MiB (512x512 slices of 512 KiB each).
+dataset_mib = 20
+# DICOM keywords the receiver compares with the sender's values, per image.
+# The default names no patient-identifying entries; the values never travel
+# outside the encryption and never appear in logs or reports.
+header_entries = [{header_entries}]
+# Seconds allowed from the first mail handed to SMTP until the receipt:
+# at most 900 (15 minutes, the limit of DIN 6868-159), never above.
+time_limit = 900
+# Peers `dicommail constancy run` checks when --to is not given.
+peers = []
+# A failed check is logged as an ERROR and exits 1; it is also reported by
+# a plain mail (no patient data) to this address, through [smtp], if set.
+admin_address = ""
+# Receiving side: a folder where received test sets are written (they never
+# reach the clinical PACS).  Empty: they are checked and then discarded.
+test_destination = ""
+# Years the check records are kept: the documentation of a teleradiology
+# link is kept much longer than the transfers' own records.
+retention_years = 10
 """
 
 
 def render_template(address: str = "") -> str:
-    return CONFIG_TEMPLATE.format(address=address)
+    return CONFIG_TEMPLATE.format(address=address, header_entries=_toml_list(DEFAULT_HEADER_ENTRIES))
+
+
+def _toml_list(items: tuple[str, ...], width: int = 76) -> str:
+    """``"a", "b", ...`` wrapped over indented lines, for a TOML array in the template."""
+    lines: list[str] = []
+    for item in items:
+        quoted = f'"{item}",'
+        if lines and len(lines[-1]) + 1 + len(quoted) <= width:
+            lines[-1] += " " + quoted
+        else:
+            lines.append("    " + quoted)
+    return "\n" + "\n".join(lines) + "\n" if lines else ""

@@ -69,12 +69,12 @@ def init(app: AppContext, address: str, force: bool) -> None:
 def _register_subcommands() -> None:
     # Imported here so that each command module can import ``cli`` helpers
     # from this module without a cycle.
-    from dicommail.cli import check, echo, gateway, keys, receive, send, status, transfer
+    from dicommail.cli import check, constancy, echo, gateway, keys, receive, send, status, transfer
 
     cli.add_command(keys.keys)
     cli.add_command(echo.echo)
     cli.add_command(receive.receive)
-    for module in (transfer, send, gateway, check, status):
+    for module in (transfer, send, gateway, check, status, constancy):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicommail.config import Config, is_mail_address
+from dicommail.constancy.values import ConstancyMark
 from dicommail.crypto.keys import KeyInfo
 from dicommail.errors import ConfigError
 from dicommail.wire.pack import PackOptions
@@ -29,8 +30,12 @@ def pack_options(
     attachments: Sequence[Path] = (),
     emergency: bool = False,
     max_mail_size: int | None = None,
+    constancy: ConstancyMark | None = None,
 ) -> PackOptions:
-    """Options to pack for ``recipient`` as this site (key, passphrase, sizes, workers from the config)."""
+    """Options to pack for ``recipient`` as this site (key, passphrase, sizes, workers from the config).
+
+    ``constancy`` marks the set as a constancy check's test transfer.
+    """
     return PackOptions(
         sender=sender,
         recipient=recipient,
@@ -43,4 +48,5 @@ def pack_options(
         attachments=tuple(attachments),
         emergency=emergency,
         workers=config.packing.workers,
+        constancy=constancy,
     )

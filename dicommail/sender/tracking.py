@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicommail.config import Config
+from dicommail.constancy.store import record_receipt
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import find_key
 from dicommail.dicom import DicomFile
@@ -211,6 +212,8 @@ class Tracker:
                 current = conn.execute("SELECT * FROM transfers WHERE id = ?", (transfer["id"],)).fetchone()
                 detail = self._act(conn, current, note)
                 accepted = True
+                if note.scope == n.SET:
+                    self._constancy_receipt(conn, transfer["id"], note)
             else:
                 detail, accepted = f"ignored: {reason}", False
             conn.execute(
@@ -236,6 +239,15 @@ class Tracker:
                 ),
             )
         return Decision(accepted, detail, transfer["id"] if transfer is not None else None)
+
+    def _constancy_receipt(self, conn: sqlite3.Connection, transfer_id: int, note: n.Notification) -> None:
+        """A final set notification that ended a constancy check's test transfer is that check's receipt."""
+        status = conn.execute("SELECT status FROM transfers WHERE id = ?", (transfer_id,)).fetchone()["status"]
+        if status not in (DELIVERED, FAILED):
+            return  # e.g. a resend of missing parts: not the last word yet
+        report: dict[str, object] = (json.loads(note.status.to_json()) if note.status is not None
+                                     else {"scope": n.SET, "outcome": note.outcome, "reason": note.reason})
+        record_receipt(conn, transfer_id, report, self.now())
 
     def _act(self, conn: sqlite3.Connection, transfer: sqlite3.Row, note: n.Notification) -> str:
         status = transfer["status"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from dicommail.config import CONFIG_NAME, Config, default_home, load_config, render_template
 from dicommail.errors import ConfigError
 from dicommail.site.base import ProgressCallback, ProgressUpdate
+from dicommail.site.constancy import Constancy
 from dicommail.site.keys import Keys
 from dicommail.site.sending import Sending
 from dicommail.site.services import Services
@@ -23,8 +24,8 @@ from dicommail.store.files import make_home_private, make_private
 __all__ = ["ProgressCallback", "ProgressUpdate", "Site"]
 
 
-class Site(Sending, Tracking, Services):
-    """One dicommail home: pack, send, unpack, track, check, manage keys, run the services."""
+class Site(Sending, Tracking, Services, Constancy):
+    """One dicommail home: pack, send, unpack, track, check, manage keys, run the services, run constancy checks."""
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dicommail.config import is_mail_address
+from dicommail.constancy.values import ConstancyMark
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import DicomFile, scan
@@ -117,6 +118,7 @@ class Sending(SiteBase):
         progress: ProgressCallback | None = None,
         on_wait: Callable[[], None] | None = None,
         on_skip: SkipCallback | None = None,
+        constancy: ConstancyMark | None = None,
     ) -> list[TransferResult]:
         """Pack, queue and submit over SMTP; returns each transfer with its state (sent, queued, failed).
 
@@ -126,6 +128,8 @@ class Sending(SiteBase):
         :meth:`send_pending`; a permanent one fails it (``status == "failed"``).
         ``progress`` gets "packing", then "sending" updates, both in bytes; ``on_wait``
         is called before waiting for another process that is sending from this home.
+        ``constancy`` marks the sets as a constancy check's test transfer (see
+        :meth:`constancy_run`, which is how to run one).
         This call blocks; it runs its own event loop, so call it outside of one.
 
         Raises :class:`~dicommail.errors.ConfigError` for a bad ``[smtp]`` section before
@@ -140,7 +144,8 @@ class Sending(SiteBase):
         client = SmtpClient.from_config(config)
         with self._keyring() as keyring:
             options, studies = self._prepare(
-                keyring, paths, to, sender, note, attachments, emergency, max_mail_size, on_skip, "send"
+                keyring, paths, to, sender, note, attachments, emergency, max_mail_size, on_skip, "send",
+                constancy,
             )
             sets: list[PackedSet] = []
             try:
@@ -205,6 +210,7 @@ class Sending(SiteBase):
         max_mail_size: int | None,
         on_skip: SkipCallback | None,
         command: str,
+        constancy: ConstancyMark | None = None,
     ) -> tuple[PackOptions, _Studies]:
         """Check the addresses and this site's key, find the studies: all that may fail before packing."""
         if not is_mail_address(to):
@@ -222,6 +228,7 @@ class Sending(SiteBase):
             attachments=attachments,
             emergency=emergency,
             max_mail_size=max_mail_size,
+            constancy=constancy,
         )
         return options, studies
 

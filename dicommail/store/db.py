@@ -262,6 +262,36 @@ CREATE TABLE IF NOT EXISTS fragment_groups (
 );
 """
 
+#: DIN 6868-159 constancy checks, sending side (also created where missing).  Kept for
+#: ``constancy.retention_years``, independently of the transfers: a deleted transfer
+#: leaves its check's record (transfer_id becomes NULL).
+CONSTANCY_TABLES = """
+CREATE TABLE IF NOT EXISTS constancy_checks (
+    id               INTEGER PRIMARY KEY,
+    kind             TEXT NOT NULL,       -- daily, monthly, acceptance
+    peer             TEXT NOT NULL,       -- the receiver's mail address
+    attempt          INTEGER NOT NULL,    -- 1, or 2 for the retry of a failed daily check
+    mark_id          TEXT NOT NULL UNIQUE, -- the check ID in the mark on the wire
+    transfer_id      INTEGER REFERENCES transfers(id) ON DELETE SET NULL,
+    set_id           TEXT,
+    images           INTEGER,             -- DICOM instances of the test set
+    bytes            INTEGER,             -- their size
+    started_at       REAL NOT NULL,
+    finished_at      REAL,                -- result known (receipt, or failure)
+    receipt_at       REAL,                -- the receipt was processed (sender's clock)
+    transfer_time_s  REAL,                -- receipt_at - transfers.first_sent_at
+    limit_s          INTEGER NOT NULL,
+    complete         INTEGER,             -- 0/1; NULL: not known (yet)
+    headers_ok       INTEGER,             -- 0/1; NULL: not checked by the receiver
+    quality_ok       INTEGER,             -- 0/1; NULL: not checked by the receiver
+    result           TEXT NOT NULL,       -- passed, failed, pending
+    reason           TEXT,
+    receiver_checked INTEGER              -- 1: the receiver knew the mark; 0: ordinary acknowledgements only
+);
+CREATE INDEX IF NOT EXISTS constancy_checks_transfer ON constancy_checks (transfer_id);
+CREATE INDEX IF NOT EXISTS constancy_checks_started ON constancy_checks (started_at);
+"""
+
 #: Schema 1 keyed received sets by their set ID alone; schema 2 by (signer, set ID).
 _MIGRATE_1_TO_2 = """
 ALTER TABLE inbound_sets RENAME TO inbound_sets_v1;
@@ -336,6 +366,7 @@ class Database:
         self._conn.executescript(ADDED_TABLES)
         add_missing_columns(self._conn)
         self._conn.executescript(TRACKING_TABLES)
+        self._conn.executescript(CONSTANCY_TABLES)
 
     def _migrate_from_1(self) -> None:
         start = SCHEMA.index("CREATE TABLE inbound_sets (")
