@@ -426,6 +426,33 @@ class Keyring:
             if result.returncode != 0 or not result.has("END_ENCRYPTION") or not result.has("SIG_CREATED"):
                 raise self._encrypt_error(result, recipient=recipient, signer=signer)
 
+    def detach_sign_file(self, path: Path, out: Path, *, signer: str, passphrase: str | None) -> None:
+        """Write a detached, ASCII-armored signature of ``path`` by ``signer`` to ``out``.
+
+        Anyone with the signer's public key can check it with plain
+        ``gpg --verify out path``.  ``out`` appears only on success.
+        """
+        _require_file(path)
+        try:
+            with _partial_output(Path(out)) as tmp:
+                result = self.run(
+                    ["--local-user", gpg_name(signer), "--detach-sign", "--armor", "--yes", "--output", str(tmp),
+                     "--", str(path)],
+                    passphrase=passphrase,
+                    stdin=None,
+                )
+                if result.returncode != 0 or not result.has("SIG_CREATED"):
+                    error = self._encrypt_error(result, recipient="", signer=signer)
+                    if type(error) is CryptoError and not result.has("INV_SGNR"):
+                        detail = result.log_excerpt() or f"gpg exit status {result.returncode}"
+                        error = CryptoError(f"signing {Path(path).name} failed: {detail}",
+                                            "run `dicommail keys list --secret` to check this site's key")
+                    raise error
+        except BaseException:
+            with contextlib.suppress(OSError):
+                Path(out).unlink(missing_ok=True)
+            raise
+
     def _encrypt_error(self, result: GpgResult, *, recipient: str, signer: str) -> CryptoError:
         codes = result.error_codes
         # Signer problems first: gpg checks the signer before the recipients.
