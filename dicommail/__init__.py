@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # After __version__: modules imported below read it while this one initialises.
 from dicommail.checks import CheckResult
 from dicommail.config import Config
+from dicommail.constancy.store import ConstancyCheck, ConstancyReport
 from dicommail.crypto.keys import KeyChange, KeyInfo
 from dicommail.errors import (
     AmbiguousKeyError,
@@ -66,6 +67,8 @@ __all__ = [
     "CheckResult",
     "Config",
     "ConfigError",
+    "ConstancyCheck",
+    "ConstancyReport",
     "CryptoError",
     "CycleReport",
     "DecryptionError",
