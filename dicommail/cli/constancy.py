@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from pathlib import Path
 
 import click
@@ -13,7 +12,16 @@ from rich.table import Table
 from dicommail import ConstancyCheck, ProgressUpdate
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.packing import ProgressBars
-from dicommail.cli.render import EXIT_FAILURE, echo_escape, handle_errors, info, out, print_json, setup_logging
+from dicommail.cli.render import (
+    EXIT_FAILURE,
+    echo_escape,
+    handle_errors,
+    info,
+    out,
+    print_json,
+    setup_logging,
+    since_option,
+)
 from dicommail.constancy.values import KINDS
 from dicommail.errors import InputError
 
@@ -35,15 +43,6 @@ def _seconds(value: float | None) -> str:
 def _result(check: ConstancyCheck) -> str:
     style = _STYLE.get(check.result, "")
     return f"[{style}]{check.result}[/{style}]" if style else check.result
-
-
-def _since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise InputError(f"--since {value!r} is not a date", "use e.g. 2026-11-01 or 2026-11-01T08:00") from exc
 
 
 class _Progress:
@@ -134,7 +133,7 @@ def _print_check(check: ConstancyCheck) -> None:
 @handle_errors
 def list_(app: AppContext, since: str | None, to: str | None, as_json: bool) -> None:
     """One row per recorded check: kind, attempt, transfer time, per-criterion results, result."""
-    checks = app.site.constancy_checks(since=_since(since), to=to)
+    checks = app.site.constancy_checks(since=since_option(since), to=to)
     if as_json:
         print_json({"checks": [c.to_json() for c in checks]})
         return

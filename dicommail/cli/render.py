@@ -7,12 +7,13 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 
-from dicommail.errors import DicommailError
+from dicommail.errors import DicommailError, InputError
 
 #: Normal output goes to stdout; messages, warnings and progress to stderr so
 #: that ``--json`` output stays machine-readable.
@@ -102,3 +103,13 @@ def setup_logging(verbosity: int) -> None:
     handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("dicommail").setLevel(level)
+
+
+def since_option(value: str | None) -> datetime | None:
+    """The value of a ``--since`` option: an ISO 8601 date or time, local time unless it names an offset."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InputError(f"--since {value!r} is not a date", "use e.g. 2026-11-23 or 2026-11-23T08:00") from exc

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from dicommail import TransferDetail, TransferView
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import confirm, echo_escape, handle_errors, info, out, print_json
+from dicommail.cli.render import confirm, echo_escape, handle_errors, info, out, print_json, since_option
 from dicommail.config import format_size
 from dicommail.errors import InputError
 
@@ -44,15 +44,6 @@ def _duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise InputError(f"--since {value!r} is not a date", "use e.g. 2026-11-23 or 2026-11-23T08:00") from exc
-
-
 @click.command()
 @click.argument("ident", required=False)
 @click.option("--active", "filters", flag_value="active", help="Transfers not finished yet.")
@@ -78,7 +69,7 @@ def status(
         else:
             _show_one(detail, show_patient)
         return
-    views = app.site.transfers(state=filters, since=_since(since))
+    views = app.site.transfers(state=filters, since=since_option(since))
     if as_json:
         print_json({"ok": True, "transfers": [v.to_json(show_patient) for v in views]})
         return
