@@ -453,7 +453,9 @@ class Pipeline:
 
     def _quarantine_mails(self, rows: list[Any], error: DicommailError, *, notify: bool = True) -> None:
         """Keep the mails as they arrived (encrypted) with the reason; mark them, once and for all."""
-        details: dict[str, object] = {"mails": [r["server_uid"] for r in rows], "account": rows[0]["account"]}
+        # inbound_ids: what ``dicommail quarantine retry`` stores again.
+        details: dict[str, object] = {"mails": [r["server_uid"] for r in rows], "account": rows[0]["account"],
+                                      "inbound_ids": [r["id"] for r in rows]}
         detail = getattr(error, "detail", None)
         if detail:
             details["detail"] = detail
@@ -506,7 +508,7 @@ class Pipeline:
         set_id = info["set_id"]
         mails = [Path(r["spool_path"]) for r in self.db.query(
             "SELECT spool_path FROM inbound_mails WHERE set_ref = ? ORDER BY set_part, id", (set_ref,))]
-        details: dict[str, object] = {"set_id": set_id}
+        details: dict[str, object] = {"set_id": set_id, "set_ref": set_ref}
         detail = getattr(error, "detail", None)
         if detail:
             details["detail"] = detail
