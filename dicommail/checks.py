@@ -23,16 +23,28 @@ EXPIRY_MARGIN = timedelta(days=30)
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One check of ``dicommail check``: what was checked, whether it passed, what was found, what to do."""
+    """One check of ``dicommail check``: what was checked, whether it passed, what was found, what to do.
+
+    ``name`` is for people ("key of a@b.example"); ``id`` is for scripts and
+    stays the same across versions and languages: "config", "own-key",
+    "peer-key:<address>", "smtp", "mailbox", "pacs".  Without an ``id`` the
+    name is the id (as for "config").
+    """
 
     name: str
     ok: bool
     detail: str
     hint: str = ""
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
 
     def to_json(self) -> dict[str, object]:
-        """One entry of ``dicommail check --json``'s ``checks`` list."""
-        return {"check": self.name, "ok": self.ok, "detail": self.detail, "hint": self.hint or None}
+        """One entry of ``dicommail check --json``'s ``checks`` list: ``id`` for scripts, ``check`` for people."""
+        return {"id": self.id, "check": self.name, "ok": self.ok, "detail": self.detail,
+                "hint": self.hint or None}
 
 
 def _expiry_problem(key: KeyInfo, now: datetime) -> str:
@@ -46,32 +58,34 @@ def _expiry_problem(key: KeyInfo, now: datetime) -> str:
     return ""
 
 
-def _run(name: str, check: Callable[[], str]) -> CheckResult:
+def _run(check_id: str, name: str, check: Callable[[], str]) -> CheckResult:
     try:
-        return CheckResult(name, True, check())
+        return CheckResult(name, True, check(), id=check_id)
     except DicommailError as exc:
-        return CheckResult(name, False, exc.message, exc.hint)
+        return CheckResult(name, False, exc.message, exc.hint, id=check_id)
     except OSError as exc:
-        return CheckResult(name, False, f"{exc.strerror or exc} ({exc.filename or '-'})", "check the path and the disk")
+        return CheckResult(name, False, f"{exc.strerror or exc} ({exc.filename or '-'})", "check the path and the disk",
+                           id=check_id)
 
 
 def run_checks(config: Config, *, now: datetime | None = None) -> list[CheckResult]:
     """Every check that applies to this config, in a fixed order."""
     now = now or datetime.now(UTC)
-    results = [CheckResult("config", True, f"{config.config_file} is valid")]
+    results = [CheckResult("config", True, f"{config.config_file} is valid", id="config")]
     keyring = Keyring(config.gnupg_home)
     try:
-        results.append(_run("own key", lambda: _check_own_key(config, keyring, now)))
+        results.append(_run("own-key", "own key", lambda: _check_own_key(config, keyring, now)))
         recipients = sorted({r for route in config.routes.values() for r in route.recipients})
         for recipient in recipients:
-            results.append(_run(f"key of {recipient}", functools.partial(_check_recipient, keyring, recipient, now)))
+            results.append(_run(f"peer-key:{recipient}", f"key of {recipient}",
+                                functools.partial(_check_recipient, keyring, recipient, now)))
     finally:
         keyring.close()
-    results.append(_run("SMTP login", lambda: _check_smtp(config)))
+    results.append(_run("smtp", "SMTP login", lambda: _check_smtp(config)))
     if config.mailbox.username:
-        results.append(_run(f"{config.mailbox.protocol.upper()} login", lambda: _check_mailbox(config)))
+        results.append(_run("mailbox", f"{config.mailbox.protocol.upper()} login", lambda: _check_mailbox(config)))
     if _pacs_configured(config):
-        results.append(_run("PACS C-ECHO", lambda: _check_pacs(config)))
+        results.append(_run("pacs", "PACS C-ECHO", lambda: _check_pacs(config)))
     return results
 
 

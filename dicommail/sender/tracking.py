@@ -34,6 +34,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicommail.config import Config
@@ -374,12 +375,19 @@ def _numbers(parts: Sequence[int]) -> str:
 # -- the job manager's queries and actions -------------------------------------------------------------
 
 
+def iso_time(timestamp: float | None) -> str | None:
+    """Unix seconds as the JSON output shows times: ISO 8601 with offset (UTC); None stays None."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp is not None else None
+
+
 @dataclass(frozen=True)
 class TransferView:
     """One sent transfer as ``dicommail status`` shows it: its state, counts and times (Unix seconds).
 
     ``patient_name`` and ``study_description`` are this site's own record of
     what was sent; :meth:`to_json` leaves them out unless ``show_patient``.
+    In :meth:`to_json` the times are ISO 8601 strings with offset (UTC), None
+    where absent; ``transfer_seconds`` stays a number of seconds.
     """
 
     id: int
@@ -408,10 +416,12 @@ class TransferView:
     def to_json(self, show_patient: bool = False) -> dict[str, object]:
         data: dict[str, object] = {
             "id": self.id, "set_id": self.set_id, "recipient": self.recipient, "status": self.status,
-            "created_at": self.created_at, "set_total": self.set_total, "files": self.files, "bytes": self.bytes,
+            "created_at": iso_time(self.created_at), "set_total": self.set_total, "files": self.files,
+            "bytes": self.bytes,
             "images": self.images, "mails": self.mails, "mails_sent": self.mails_sent,
             "parts_sent": self.parts_sent, "parts_acknowledged": self.parts_acknowledged,
-            "first_sent_at": self.first_sent_at, "sent_at": self.sent_at, "finished_at": self.finished_at,
+            "first_sent_at": iso_time(self.first_sent_at), "sent_at": iso_time(self.sent_at),
+            "finished_at": iso_time(self.finished_at),
             "transfer_seconds": self.transfer_seconds, "resends": self.resends, "reason": self.reason,
             "error": self.error,
         }
@@ -477,7 +487,10 @@ def get_transfer(db: Database, ident: str) -> TransferView:
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    """One step of a transfer's history: ``at`` (Unix seconds), what happened, to which part (None: the set)."""
+    """One step of a transfer's history: ``at`` (Unix seconds), what happened, to which part (None: the set).
+
+    :meth:`to_json` gives ``at`` as an ISO 8601 string with offset (UTC).
+    """
 
     at: float
     event: str
@@ -486,7 +499,7 @@ class TimelineEntry:
 
     def to_json(self) -> dict[str, object]:
         """The entry as ``dicommail status IDENT --json`` prints it."""
-        return {"at": self.at, "event": self.event, "set_part": self.set_part, "detail": self.detail}
+        return {"at": iso_time(self.at), "event": self.event, "set_part": self.set_part, "detail": self.detail}
 
 
 def timeline(db: Database, transfer_id: int) -> list[TimelineEntry]:

@@ -293,7 +293,9 @@ def test_check_reports_every_problem_without_raising(short_tmp: Path) -> None:
         ("config", True), ("own key", False), ("key of nobody@example.org", False), ("SMTP login", False),
     ]
     assert all(r.detail for r in results) and all(r.hint for r in results if not r.ok)
-    assert results[0].to_json() == {"check": "config", "ok": True, "detail": results[0].detail, "hint": None}
+    assert [r.id for r in results] == ["config", "own-key", "peer-key:nobody@example.org", "smtp"]
+    assert results[0].to_json() == {"id": "config", "check": "config", "ok": True, "detail": results[0].detail,
+                                    "hint": None}
 
 
 def test_check_when_the_checks_cannot_start(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,7 +314,7 @@ def test_a_broken_config(short_tmp: Path) -> None:
     result = CliRunner().invoke(cli, ["--home", str(short_tmp), "check", "--json"])
     assert result.exit_code == 1
     [config] = json.loads(result.stdout)["checks"]
-    assert config["check"] == "config" and not config["ok"] and "not valid TOML" in config["detail"]
+    assert config["check"] == config["id"] == "config" and not config["ok"] and "not valid TOML" in config["detail"]
 
 
 # -- echo ------------------------------------------------------------------------------------------------------

@@ -308,6 +308,9 @@ def test_check_reports_every_problem(gateway: Gateway, tmp_path: Path) -> None:
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
     assert set(checks) == {"config", "own key", f"key of {PRACTICE}", "SMTP login", "IMAP login", "PACS C-ECHO"}
     assert all(c["ok"] for c in checks.values())
+    # Scripts go by the stable ids, people by the names.
+    assert [c["id"] for c in json.loads(result.stdout)["checks"]] == [
+        "config", "own-key", f"peer-key:{PRACTICE}", "smtp", "mailbox", "pacs"]
     # A route to a peer whose key we do not have, and a wrong mailbox password.
     config = gateway.home.path / "dicommail.toml"
     config.write_text(config.read_text() + '\n[routes."STRANGER"]\nrecipients = ["nobody@example.org"]\n')
@@ -316,6 +319,8 @@ def test_check_reports_every_problem(gateway: Gateway, tmp_path: Path) -> None:
     assert result.returncode == 1
     failed = {c["check"] for c in json.loads(result.stdout)["checks"] if not c["ok"]}
     assert failed == {"key of nobody@example.org", "SMTP login", "IMAP login"}
+    assert {c["id"] for c in json.loads(result.stdout)["checks"] if not c["ok"]} == {
+        "peer-key:nobody@example.org", "smtp", "mailbox"}
     table = gateway.home.run("check")
     assert table.returncode == 1 and "FAILED" in table.stdout
 
