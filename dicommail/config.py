@@ -10,6 +10,8 @@ teleradiology config must not be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import ipaddress
 import os
 import re
@@ -46,6 +48,19 @@ def parse_size(value: str | int) -> int:
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return size
+
+
+_FREE_SPACE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[Tt](?:i?B)?\s*$")
+
+
+def parse_free_space(value: str | int) -> int:
+    """A free-space threshold: a size as :func:`parse_size` takes it, also in T (TiB); 0 or "0" turns it off."""
+    if value == 0 or (isinstance(value, str) and value.strip() == "0"):
+        return 0
+    match = _FREE_SPACE_RE.match(value) if isinstance(value, str) else None
+    if match:
+        return int(float(match.group(1)) * 1024**4)
+    return parse_size(value)
 
 
 def format_size(size: int) -> str:
@@ -166,6 +181,25 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]``: how long the spool keeps the files of finished work, and the free space it leaves.
+
+    Only files go; the records in ``state.db`` stay.  0 days keeps that kind
+    of file for ever.  The quarantine keeps its own ``receiver.quarantine_days``.
+    """
+
+    #: Days the outbox keeps the mails of a delivered or cancelled transfer (failed ones stay until deleted).
+    outbox_days: int = _setting(30, low=0, high=36500)
+    #: Days the spool's inbox keeps a processed or quarantined mail once its set is delivered, failed or expired.
+    inbox_days: int = _setting(30, low=0, high=36500)
+    #: Days the spool keeps a built acknowledgement after it was sent (or given up).
+    notifications_days: int = _setting(7, low=0, high=36500)
+    #: Below this free space on the spool's file system the gateway refuses C-STORE (0xA700) and the
+    #: receiver does not fetch; 0: no guard.
+    min_free_space: int = _setting(1024**3, kind="free_space")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     ack_timeout: int = _setting(24 * 3600, low=1, high=90 * 86400)
     resend_limit: int = _setting(3, low=0, high=100)
@@ -222,6 +256,7 @@ class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     constancy: ConstancyConfig = field(default_factory=ConstancyConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     @property
     def gnupg_home(self) -> Path:
@@ -288,7 +323,11 @@ def load_config(home: Path | None = None) -> Config:
         with path.open("rb") as handle:
             raw = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax error at the position shown") from exc
+        # tomllib ends its message with "(at line L, column C)": put it in front, as compilers do.
+        position = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(exc))
+        where = f"{path}:{position[1]}:{position[2]}" if position else str(path)
+        detail = str(exc)[: position.start()] if position else str(exc)
+        raise ConfigError(f"{where}: not valid TOML: {detail}", "fix the syntax error at the position shown") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     return parse_config(raw, home, source=str(path))
@@ -305,6 +344,7 @@ _SECTIONS: dict[str, type] = {
     "gateway": GatewayConfig,
     "tracking": TrackingConfig,
     "constancy": ConstancyConfig,
+    "retention": RetentionConfig,
 }
 #: Sections that are tables of tables, keyed by a name (parsed separately).
 _KEYED_SECTIONS = ("peers", "routes")
@@ -314,9 +354,10 @@ def parse_config(raw: dict[str, Any], home: Path, source: str = "config") -> Con
     """Validate a parsed TOML document into a :class:`Config`."""
     unknown = sorted(set(raw) - set(_SECTIONS) - set(_KEYED_SECTIONS))
     if unknown:
+        known_sections = [*_SECTIONS, *_KEYED_SECTIONS]
         raise ConfigError(
-            f"{source}: unknown section(s): {', '.join(unknown)}",
-            f"known sections: {', '.join([*_SECTIONS, *_KEYED_SECTIONS])}",
+            f"{_at(source, unknown[0])}: unknown section(s): {', '.join(unknown)}",
+            _did_you_mean(unknown, known_sections) + f"known sections: {', '.join(known_sections)}",
         )
     sections = {name: _section(cls, raw.get(name, {}), name, source) for name, cls in _SECTIONS.items()}
     peers_raw = raw.get("peers", {})
@@ -378,19 +419,24 @@ def _section(cls: type, table: Any, name: str, source: str, only: tuple[str, ...
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown setting(s) in [{name}]: {', '.join(unknown)}",
-            f"known settings there: {', '.join(known)}",
+            f"{_at(source, name, unknown[0])}: unknown setting(s) in [{name}]: {', '.join(unknown)}",
+            _did_you_mean(unknown, list(known)) + f"known settings there: {', '.join(known)}",
         )
     values: dict[str, Any] = {}
     for key, value in table.items():
         spec = known[key]
         meta = spec.metadata
-        where = f"{source}: {name}.{key}"
+        where = f"{_at(source, name, key)}: {name}.{key}"
         if meta.get("kind") == "size":
             try:
                 value = parse_size(value)
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
+        elif meta.get("kind") == "free_space":
+            try:
+                value = parse_free_space(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc} (or 0 for no limit)") from exc
         elif meta.get("kind", "").endswith("_list"):
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
                 raise ConfigError(f"{where} must be a list of strings")
@@ -415,6 +461,63 @@ def _section(cls: type, table: Any, name: str, source: str, only: tuple[str, ...
         _check_kind(meta.get("kind", ""), value, where)
         values[key] = value
     return cls(**{name: "" for name in skip}, **values)
+
+
+def _did_you_mean(unknown: list[str], known: list[str]) -> str:
+    """``did you mean interval? `` for a misspelt name, or nothing."""
+    guesses = [(name, close[0]) for name in unknown if (close := difflib.get_close_matches(name, known, n=1))]
+    if not guesses:
+        return ""
+    if len(unknown) == 1:
+        return f"did you mean {guesses[0][1]}? "
+    return "did you mean " + ", ".join(f"{guess} for {name}" for name, guess in guesses) + "? "
+
+
+_TOML_HEADER_RE = re.compile(r"^\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+_TOML_KEY_PART = r"""(?:"[^"]*"|'[^']*'|[A-Za-z0-9_\-]+)"""
+_TOML_KEY_RE = re.compile(rf"^({_TOML_KEY_PART}(?:\s*\.\s*{_TOML_KEY_PART})*)\s*=")
+
+
+def _toml_key(text: str) -> tuple[str, ...]:
+    """A TOML key (``peers."a@b.example"``, ``a . b``) as its parts, quotes removed."""
+    return tuple(part.strip("\"'") for part in re.findall(r'"[^"]*"|\'[^\']*\'|[^.\s]+', text))
+
+
+def _at(source: str, section: str, key: str | None = None) -> str:
+    """``FILE:LINE`` of ``[section]`` (or of ``key`` in it) when ``source`` is a config file that has it, else FILE."""
+    if not source.endswith(".toml"):
+        return source
+    try:
+        status = Path(source).stat()
+    except OSError:
+        return source
+    line = _toml_lines(source, status.st_mtime_ns, status.st_size).get(
+        _toml_key(section) + ((key,) if key is not None else ()))
+    return f"{source}:{line}" if line else source
+
+
+@functools.lru_cache(maxsize=4)
+def _toml_lines(source: str, _mtime_ns: int, _size: int) -> dict[tuple[str, ...], int]:
+    """Where each table header and key of a TOML file is: the parsed document has no positions.
+
+    Cached per file version (name, time, size): every setting's error text asks.
+    """
+    try:
+        lines = Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    found: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        header = _TOML_HEADER_RE.match(text)
+        assignment = None if header else _TOML_KEY_RE.match(text)
+        if header:
+            table = _toml_key(header[1])
+            found.setdefault(table, number)
+        elif assignment:
+            found.setdefault(table + _toml_key(assignment[1]), number)
+    return found
 
 
 def _check_kind(kind: str, value: Any, where: str) -> None:
@@ -644,6 +747,30 @@ test_destination = ""
 # Years the check records are kept: the documentation of a teleradiology
 # link is kept much longer than the transfers' own records.
 retention_years = 10
+
+[retention]
+# How long the spool keeps the files of finished work.  The running receiver
+# and gateway remove them once an hour (and at start); `dicommail cleanup
+# --dry-run` shows what would go now.  Only files are removed: the records
+# in state.db stay, so `dicommail status` and `dicommail stats` still show
+# them.  0 keeps that kind of file for ever.  The quarantine keeps its items
+# for receiver.quarantine_days.
+# Days after a transfer was delivered (the receiver's final notification)
+# or cancelled until its mails leave the outbox.  Failed and expired
+# transfers keep theirs (for `dicommail transfers retry`) until deleted.
+outbox_days = 30
+# Days after a received set was delivered, failed or expired until its
+# fetched mails (still encrypted) leave spool/inbox.  Its decoded files are
+# removed as soon as it is delivered.
+inbox_days = 30
+# Days a sent (or given up) acknowledgement stays in spool/notifications.
+notifications_days = 7
+# Free space the spool's file system must keep (K, M, G, T; 0: no limit).
+# Below it the gateway answers C-STORE with "out of resources" (0xA700),
+# so the PACS keeps the study and retries, and the receiver stops fetching
+# (mails stay on the server); both log an ERROR.  What is already stored is
+# still processed and sent.
+min_free_space = "1G"
 """
 
 

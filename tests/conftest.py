@@ -149,3 +149,17 @@ def pacs(_installed: None) -> Iterator[Pacs]:
     """Orthanc with AE title PRACTICEPACS."""
     with Pacs() as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A CLI test that sets up logging (the service commands do) must not leak its handlers into later tests."""
+    import logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level,
+             {name: logging.getLogger(name).level for name in ("dicommail", "pynetdicom")})
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)

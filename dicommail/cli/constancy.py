@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from dicommail import ConstancyCheck, ProgressUpdate
+from dicommail.cli.logs import log_options
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.packing import ProgressBars
 from dicommail.cli.render import (
@@ -19,7 +20,6 @@ from dicommail.cli.render import (
     info,
     out,
     print_json,
-    setup_logging,
     since_option,
 )
 from dicommail.constancy.values import KINDS
@@ -78,18 +78,16 @@ def constancy() -> None:
 @click.option("--wait", type=click.FloatRange(min=0), default=None,
               help="Seconds to wait for the receipt (default: the time limit); 0 returns at once (exit 75).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("-v", "--verbose", count=True, help="Log more (-v: debug).")
+@log_options
 @pass_app
 @handle_errors
-def run(app: AppContext, to: str, kind: str, dataset: Path | None, wait: float | None, as_json: bool,
-        verbose: int) -> None:
+def run(app: AppContext, to: str, kind: str, dataset: Path | None, wait: float | None, as_json: bool) -> None:
     """Send the test data set, wait for the receiver's receipt, record and show the result.
 
     Exit status: 0 passed; 1 failed (logged as an ERROR, mailed to
     [constancy] admin_address if set); 75 no result yet (pending after
     --wait: a later run, `constancy list` or `dicommail receive` finishes it).
     """
-    setup_logging(verbose)
     site = app.site
     peers = [to] if to else list(site.config.constancy.peers)
     if not peers:

@@ -6,15 +6,16 @@ import asyncio
 
 import click
 
+from dicommail.cli.logs import log_options
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import handle_errors, setup_logging
+from dicommail.cli.render import handle_errors
 
 
 @click.command()
-@click.option("-v", "--verbose", count=True, help="Log debugging detail.")
+@log_options
 @pass_app
 @handle_errors
-def gateway(app: AppContext, verbose: int) -> None:
+def gateway(app: AppContext) -> None:
     """Receive studies from the PACS by C-STORE and send each as a DICOM-Mail set.
 
     Listens on gateway.host:gateway.port.  The called AE title picks the route
@@ -23,7 +24,6 @@ def gateway(app: AppContext, verbose: int) -> None:
     studies resume after a restart.
     """
     site = app.site
-    setup_logging(verbose)
     asyncio.run(site.gateway(handle_signals=True))
 
 

@@ -69,14 +69,18 @@ def init(app: AppContext, address: str, force: bool) -> None:
 def _register_subcommands() -> None:
     # Imported here so that each command module can import ``cli`` helpers
     # from this module without a cycle.
-    from dicommail.cli import check, constancy, echo, gateway, keys, receive, send, status, transfer
+    from dicommail.cli import check, constancy, echo, gateway, inbox, keys, quarantine, receive, send, status, transfer
 
     cli.add_command(keys.keys)
     cli.add_command(echo.echo)
     cli.add_command(receive.receive)
-    for module in (transfer, send, gateway, check, status, constancy):
+    for module in (transfer, send, gateway, check, status, constancy, inbox, quarantine):
         for command in module.COMMANDS:
             cli.add_command(command)
+    from dicommail.cli import cleanup, stats
+
+    for command in (*cleanup.COMMANDS, *stats.COMMANDS):
+        cli.add_command(command)
 
 
 _register_subcommands()

@@ -10,7 +10,7 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TimeRemainingColumn, TransferSpeedColumn
 
 from dicommail import ProgressUpdate
-from dicommail.cli.render import echo_escape, err, warn
+from dicommail.cli.render import err, warn
 from dicommail.config import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,7 +68,7 @@ def byte_progress(quiet: bool, total: int) -> Progress:
 
 def warn_skipped(_path: Path, reason: str) -> None:
     """An ``on_skip`` callback for pack and send: each file that is not sent, as a warning."""
-    warn(echo_escape(reason) + " - skipped")
+    warn(reason + " - skipped")
 
 
 class ProgressBars:

@@ -6,21 +6,21 @@ import asyncio
 
 import click
 
+from dicommail.cli.logs import log_options
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import handle_errors, out, print_json, setup_logging
+from dicommail.cli.render import handle_errors, out, print_json
 
 
 @click.command()
 @click.option("--once", is_flag=True, help="Run one cycle and exit (for cron or a systemd timer).")
 @click.option("--interval", type=click.IntRange(1, 86400), help="Seconds between polls (default: receiver.interval).")
-@click.option("-v", "--verbose", count=True, help="Log debugging detail.")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the cycle's result as JSON.")
+@log_options
 @pass_app
 @handle_errors
-def receive(app: AppContext, once: bool, interval: int | None, verbose: int, as_json: bool) -> None:
+def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) -> None:
     """Poll the mailbox, verify incoming sets and forward complete studies to the PACS."""
     site = app.site
-    setup_logging(verbose)
     report = asyncio.run(site.receive(once=once, interval=interval, handle_signals=True))
     if report is None:
         return
@@ -28,6 +28,6 @@ def receive(app: AppContext, once: bool, interval: int | None, verbose: int, as_
         print_json(report.to_json())
     else:
         summary = ", ".join(f"{n} {status}" for status, n in sorted(report.sets.items())) or "none"
-        out.print(f"sets: {summary}; quarantined mails: {report.quarantined}")
+        out.print(f"sets: {summary}; quarantined mails: {report.quarantined}", markup=False)
     if report.fetch_error is not None:
-        raise report.fetch_error
+        raise report.fetch_error  # on stderr; the JSON document above already says ok=false and why

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from dicommail.errors import DicommailError, InputError
 
@@ -26,25 +27,54 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_FAILURE = 1
 
 
+class _Output:
+    """What this invocation has printed: --json promises one document, however the command ends."""
+
+    json_documents = 0
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    _Output.json_documents += 1
+
+
+def json_printed() -> bool:
+    """True once this invocation printed its JSON document (an error after it must not print another)."""
+    return _Output.json_documents > 0
+
+
+def _labelled(label: str, style: str, message: str) -> Text:
+    # A Text part is printed as it is: "[receiver]" in a message stays "[receiver]".
+    return Text.assemble((label, style), " ", message)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    """``warning: MESSAGE`` on stderr, printed literally."""
+    err.print(_labelled("warning:", "yellow", message))
 
 
 def info(message: str) -> None:
-    err.print(message)
+    """A message on stderr, printed literally."""
+    err.print(Text(message))
+
+
+def print_error(message: str, hint: str = "", label: str = "error:") -> None:
+    """``error: MESSAGE`` and ``hint: HINT`` on stderr, printed literally."""
+    err.print(_labelled(label, "bold red", message))
+    if hint:
+        err.print(_labelled("hint:", "dim", hint))
+
+
+def error_document(error: DicommailError) -> dict[str, Any]:
+    """The ``error`` member of a --json document."""
+    return {"code": error.code, "message": error.message, "hint": error.hint}
 
 
 def fail(error: DicommailError, as_json: bool = False) -> None:
-    """Report ``error`` and exit non-zero."""
-    if as_json:
-        print_json({"ok": False, "error": {"code": error.code, "message": error.message, "hint": error.hint}})
-    err.print(f"[bold red]error:[/bold red] {error.message}", markup=True)
-    if error.hint:
-        err.print(f"[dim]hint:[/dim] {error.hint}")
+    """Report ``error`` and exit non-zero; with ``as_json`` also as a JSON document, unless one was printed."""
+    if as_json and not json_printed():
+        print_json({"ok": False, "error": error_document(error)})
+    print_error(error.message, error.hint)
     raise SystemExit(EXIT_FAILURE)
 
 
@@ -65,6 +95,7 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _Output.json_documents = 0  # a new invocation (tests run many in one process)
         try:
             return func(*args, **kwargs)
         except DicommailError as exc:
@@ -72,7 +103,9 @@ def handle_errors(func: F) -> F:
         except OSError as exc:
             fail(os_error(exc), as_json=bool(kwargs.get("as_json")))
         except KeyboardInterrupt:
-            err.print("interrupted")
+            if kwargs.get("as_json") and not json_printed():
+                print_json({"ok": False, "error": {"code": "interrupted", "message": "interrupted", "hint": ""}})
+            info("interrupted")
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -91,18 +124,6 @@ def confirm(question: str, assume_yes: bool) -> bool:
     if not sys.stdin.isatty():
         return False
     return click.confirm(question, default=False, err=True)
-
-
-def setup_logging(verbosity: int) -> None:
-    """INFO by default (what happened, per set and mail; never patient data), DEBUG with -v."""
-    import logging
-
-    from rich.logging import RichHandler
-
-    level = logging.DEBUG if verbosity > 0 else logging.INFO
-    handler = RichHandler(console=err, show_path=False, markup=False, rich_tracebacks=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
-    logging.getLogger("dicommail").setLevel(level)
 
 
 def since_option(value: str | None) -> datetime | None:

@@ -10,7 +10,7 @@ import click
 from dicommail import TransferResult
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.packing import ProgressBars, packing_options, warn_skipped
-from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, info, out, print_json, warn
+from dicommail.cli.render import EXIT_FAILURE, echo_escape, handle_errors, info, out, print_error, print_json, warn
 from dicommail.errors import DicommailError
 
 #: sysexits.h EX_TEMPFAIL: the study is queued and will be retried; cron and scripts know this code.
@@ -111,11 +111,9 @@ def _print_results(results: list[TransferResult]) -> None:
     waiting = [r for r in results if r.waiting]
     for r in results:
         if r.status == "failed":
-            err.print(f"[bold red]error:[/bold red] set {r.set_id} failed: {echo_escape(r.error or 'unknown')}")
-            if r.hint:
-                err.print(f"[dim]hint:[/dim] {echo_escape(r.hint)}")
+            print_error(f"set {r.set_id} failed: {r.error or 'unknown'}", r.hint or "")
         elif r.waiting:
-            reason = f": {echo_escape(r.error)}" if r.error else ""
+            reason = f": {r.error}" if r.error else ""
             warn(f"set {r.set_id} is not sent completely{reason}")
     if waiting:
         first = min((r.next_attempt_at or 0) for r in waiting)

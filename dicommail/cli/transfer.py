@@ -10,7 +10,7 @@ from rich.table import Table
 from dicommail import UnpackReport
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.packing import ProgressBars, packing_options, warn_skipped
-from dicommail.cli.render import EXIT_FAILURE, echo_escape, err, handle_errors, out, print_json, warn
+from dicommail.cli.render import EXIT_FAILURE, echo_escape, handle_errors, info, out, print_error, print_json, warn
 from dicommail.config import format_size
 from dicommail.errors import InputError
 
@@ -113,17 +113,13 @@ def _print_report(report: UnpackReport) -> None:
         for warning in s.warnings:
             # Warnings name positions in the set ("set X part 2 file 3"), never a file name from the mail.
             text = warning if warning.startswith(f"set {s.set_id} ") else f"set {s.set_id}: {warning}"
-            warn(echo_escape(text))
+            warn(text)
         if s.error is not None:
-            err.print(f"[bold red]error:[/bold red] {echo_escape(s.error.message)}")
-            if s.error.hint:
-                err.print(f"[dim]hint:[/dim] {echo_escape(s.error.hint)}")
+            print_error(s.error.message, s.error.hint)
     for path, exc in report.rejected:
-        err.print(f"[bold red]rejected[/bold red] {echo_escape(str(path))}: {echo_escape(exc.message)}")
-        if exc.hint:
-            err.print(f"[dim]hint:[/dim] {echo_escape(exc.hint)}")
+        print_error(f"{path}: {exc.message}", exc.hint, label="rejected")
     if not report.sets and not report.rejected:
-        err.print("nothing to unpack")
+        info("nothing to unpack")
 
 
 @click.command()
@@ -144,7 +140,8 @@ def testdata(out_dir: Path, slices: int) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir} is not empty", "choose a new directory")
     paths = write_ct_study(out_dir, slices)
-    out.print(f"wrote {len(paths)} CT images ({format_size(sum(p.stat().st_size for p in paths))}) to {out_dir}")
+    out.print(f"wrote {len(paths)} CT images ({format_size(sum(p.stat().st_size for p in paths))}) to {out_dir}",
+              markup=False)
 
 
 COMMANDS: list[click.Command] = [pack, unpack, testdata]

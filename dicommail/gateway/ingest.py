@@ -136,11 +136,19 @@ class Ingest:
     """Stores instances in the spool and the state database."""
 
     def __init__(self, db: Database, spool: Path, crash_hook: Callable[[str], None] | None = None,
-                 duplicate_window: float = 0.0) -> None:
+                 duplicate_window: float = 0.0, min_free_space: int = 0) -> None:
         self.db = db
         self.root = spool / "gateway"
         self._crash_hook = crash_hook or (lambda _step: None)
         self.duplicate_window = duplicate_window
+        #: ``retention.min_free_space``: below it nothing more is accepted (0: no guard).
+        self.min_free_space = min_free_space
+
+    def space_short(self) -> int | None:
+        """The free bytes of the spool's file system if below :attr:`min_free_space`, else None."""
+        from dicommail.site.operations import free_space_short  # the site layer imports the gateway
+
+        return free_space_short(self.root, self.min_free_space)
 
     def study_dir(self, study_id: int) -> Path:
         return self.root / f"{study_id:08d}"

@@ -23,7 +23,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicommail.config import GatewayConfig, RouteConfig
+from dicommail.config import GatewayConfig, RouteConfig, format_size
 from dicommail.dicom import check_dicom_data
 from dicommail.errors import DicommailError, InputError
 from dicommail.gateway.ingest import Ingest, Instance, StudyTracker
@@ -90,6 +90,7 @@ class StoreService:
         self.tracker = tracker
         self._on_stored = on_stored or (lambda: None)
         self._associations: dict[int, _Association] = {}
+        self._short_of_space: set[int] = set()  # associations told "out of resources" for the disk (logged once)
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
         self.ae: AE | None = None
@@ -174,6 +175,7 @@ class StoreService:
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
             self._associations.pop(id(event.assoc), None)
+            self._short_of_space.discard(id(event.assoc))
         self.tracker.end_association(id(event.assoc))
 
     def _on_store(self, event: evt.Event) -> int:
@@ -184,6 +186,17 @@ class StoreService:
         if association is None or not association.route:
             log.warning("refused instance %s: the called AE title has no route", sop_uid)
             return 0x0124  # refused: not authorised
+        free = self.ingest.space_short()
+        if free is not None:
+            # The PACS keeps the study and retries later; a full disk would lose more than this push.
+            with self._lock:
+                first = id(event.assoc) not in self._short_of_space
+                self._short_of_space.add(id(event.assoc))
+            log.log(logging.ERROR if first else logging.DEBUG,
+                    "refused instance %s: the spool's file system has %s free, below retention.min_free_space "
+                    "(%s); answered 'out of resources', the sender retries", sop_uid, format_size(free),
+                    format_size(self.ingest.min_free_space))
+            return OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset(include_meta=True)
             syntax = str(event.context.transfer_syntax)

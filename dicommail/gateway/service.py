@@ -147,7 +147,8 @@ class Gateway:
         self._client_factory = client_factory
         self.tracker = StudyTracker()
         self.ingest = Ingest(db, config.spool, self._crash_hook,
-                             duplicate_window=float(config.gateway.duplicate_window))
+                             duplicate_window=float(config.gateway.duplicate_window),
+                             min_free_space=config.retention.min_free_space)
         self.service = StoreService(config.gateway, config.routes, self.ingest, self.tracker)
         #: Set it (a signal handler, or the program that runs this gateway) to stop cleanly.
         self.stop = stop if stop is not None else asyncio.Event()
@@ -159,6 +160,8 @@ class Gateway:
         self._outbox_lock = _OutboxLock(config.spool / "outbox")
         self._retry_task: asyncio.Task[None] | None = None
         self._next_retry = 0.0
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._next_cleanup = 0.0  # retention clean-up: at start, then hourly
         self._sender = ""
 
     # -- the loop --------------------------------------------------------------------
@@ -175,7 +178,8 @@ class Gateway:
                 "check gateway.host and gateway.port; is another gateway or DICOM node using the port?",
             ) from exc
         gw = self.config.gateway
-        log.info("gateway %s listening on %s:%d; routes: %s", gw.aet, gw.host, gw.port, ", ".join(self.config.routes))
+        log.info("listening on AE %s at %s port %d; routes: %s", gw.aet, gw.host, gw.port,
+                 ", ".join(self.config.routes))
         try:
             while not self.stop.is_set():
                 self._tick()
@@ -186,7 +190,7 @@ class Gateway:
 
     def _tick(self) -> None:
         """One round of the loop's work; an error in it (a locked database, a full disk) is logged, not fatal."""
-        for step in (self._complete_idle_studies, self._start_jobs, self._start_retry):
+        for step in (self._complete_idle_studies, self._start_jobs, self._start_retry, self._start_cleanup):
             try:
                 step()
             except (sqlite3.Error, OSError, DicommailError) as exc:
@@ -205,7 +209,7 @@ class Gateway:
             log.warning("aborting %d association(s) still open; the sender retries what was not confirmed",
                         self.service.active_associations())
             self.service.abort_all()
-        tasks = [*self._jobs.values(), *([self._retry_task] if self._retry_task else [])]
+        tasks = [*self._jobs.values(), *(t for t in (self._retry_task, self._cleanup_task) if t is not None)]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         log.info("gateway stopped")
@@ -417,6 +421,27 @@ class Gateway:
         ids = [row["id"] for row in rows if row["id"] not in self._sending]
         if ids:
             self._retry_task = asyncio.create_task(self._send(ids), name="retry")
+
+    def _start_cleanup(self) -> None:
+        """At start and once an hour: remove the spool's files of finished work (``[retention]``)."""
+        from dicommail.site.operations import CLEANUP_INTERVAL, run_cleanup  # the site layer imports this module
+
+        now = time.monotonic()
+        if now < self._next_cleanup or (self._cleanup_task is not None and not self._cleanup_task.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a tick outside the loop (a test driving it by hand): nothing to run the job in
+        self._next_cleanup = now + CLEANUP_INTERVAL
+
+        async def cleanup() -> None:
+            try:
+                await asyncio.to_thread(run_cleanup, self.config, self.db)
+            except (DicommailError, OSError, sqlite3.Error) as exc:
+                log.error("retention clean-up failed: %s; tried again in an hour", exc)
+
+        self._cleanup_task = loop.create_task(cleanup(), name="cleanup")
 
     def _update_sent_studies(self) -> None:
         """Studies whose sets all went out are sent; one whose set failed for good is failed."""

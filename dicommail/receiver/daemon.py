@@ -15,12 +15,14 @@ import logging
 import os
 import signal
 import sqlite3
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dicommail.config import Config
+from dicommail.config import Config, format_size
 from dicommail.crypto.gpg import Keyring
 from dicommail.errors import AuthenticationError, DicommailError, ReceiverLockedError, TransportError
 from dicommail.receiver.destinations import FolderDestination
@@ -148,6 +150,16 @@ def own_addresses(config: Config, keyring: Keyring) -> set[str]:
     return addresses
 
 
+def mailbox_description(config: Config) -> str:
+    """The mailbox as a URL for the startup line: ``imap://user@host:port/INBOX with IDLE`` (no password)."""
+    box = config.mailbox
+    user = urllib.parse.quote(box.username, safe="@") + "@" if box.username else ""
+    url = f"{box.protocol}://{user}{box.host}:{box.port}"
+    if box.protocol == "imap":
+        url += "/" + urllib.parse.quote(box.folder, safe="/") + (" with IDLE" if box.idle else "")
+    return url
+
+
 class Receiver:
     """Ties the stages together for one home."""
 
@@ -191,11 +203,39 @@ class Receiver:
         )
         #: Set it (a signal handler, or the program that runs this receiver) to stop after the current step.
         self.stop = stop if stop is not None else asyncio.Event()
+        self._next_cleanup = 0.0  # monotonic time of the next retention clean-up: at start, then hourly
+
+    async def _cleanup_if_due(self) -> None:
+        """Remove the spool's files of finished work (``[retention]``), at start and once an hour."""
+        from dicommail.site.operations import CLEANUP_INTERVAL, run_cleanup  # the site layer imports this module
+
+        if time.monotonic() < self._next_cleanup:
+            return
+        self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
+        try:
+            await asyncio.to_thread(run_cleanup, self.config, self.db)
+        except (DicommailError, OSError, sqlite3.Error) as exc:
+            log.error("retention clean-up failed: %s; tried again in an hour", exc)
+
+    def _check_free_space(self) -> None:
+        """Fetching stops while the spool's file system is below ``retention.min_free_space``."""
+        from dicommail.site.operations import free_space_short
+
+        minimum = self.config.retention.min_free_space
+        free = free_space_short(self.config.spool, minimum)
+        if free is not None:
+            raise TransportError(
+                f"the spool's file system has {format_size(free)} free, below retention.min_free_space "
+                f"({format_size(minimum)}): nothing is fetched, mails stay on the server",
+                "free disk space for the spool (see `dicommail cleanup --dry-run`); stored mails are still processed",
+            )
 
     async def cycle(self) -> CycleReport:
         """Fetch what is new, then do all processing that is ready."""
         report = CycleReport()
+        await self._cleanup_if_due()
         try:
+            self._check_free_space()
             await self.retriever.fetch()
         except TransportError as exc:
             # Mail already stored still gets processed and forwarded.
@@ -262,6 +302,7 @@ class Receiver:
     async def run_forever(self) -> None:
         """Poll until :attr:`stop` is set; back off while the mail server fails."""
         interval = float(self.config.receiver.interval)
+        log.info("polling %s every %d s", mailbox_description(self.config), self.config.receiver.interval)
         backoff = interval
         while not self.stop.is_set():
             report = await self.cycle()

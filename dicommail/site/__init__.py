@@ -16,6 +16,7 @@ from dicommail.errors import ConfigError
 from dicommail.site.base import ProgressCallback, ProgressUpdate
 from dicommail.site.constancy import Constancy
 from dicommail.site.keys import Keys
+from dicommail.site.operations import Operations
 from dicommail.site.sending import Sending
 from dicommail.site.services import Services
 from dicommail.site.tracking import Tracking
@@ -24,7 +25,7 @@ from dicommail.store.files import make_home_private, make_private
 __all__ = ["ProgressCallback", "ProgressUpdate", "Site"]
 
 
-class Site(Sending, Tracking, Services, Constancy):
+class Site(Sending, Tracking, Services, Constancy, Operations):
     """One dicommail home: pack, send, unpack, track, check, manage keys, run the services, run constancy checks."""
 
     def __init__(self, config: Config) -> None:
