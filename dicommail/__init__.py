@@ -50,11 +50,16 @@ from dicommail.sender.outbox import OutboundMail, TransferResult
 from dicommail.sender.tracking import TimelineEntry, TransferView
 from dicommail.site import ProgressCallback, ProgressUpdate, Site
 from dicommail.site.keys import Keys
+from dicommail.site.operations import CleanupCount, CleanupReport, StatsFigures, StatsGroup, StatsReport
 from dicommail.site.sending import SkipCallback
 from dicommail.site.tracking import (
     EchoResult,
+    QuarantineChange,
     QuarantinedItem,
+    ReceivedEvent,
     ReceivedSet,
+    ReceivedSetDetail,
+    SentNotification,
     TransferChange,
     TransferDetail,
 )
@@ -65,6 +70,8 @@ __all__ = [
     "AmbiguousKeyError",
     "AuthenticationError",
     "CheckResult",
+    "CleanupCount",
+    "CleanupReport",
     "Config",
     "ConfigError",
     "ConstancyCheck",
@@ -93,15 +100,22 @@ __all__ = [
     "PassphraseError",
     "ProgressCallback",
     "ProgressUpdate",
+    "QuarantineChange",
     "QuarantinedItem",
+    "ReceivedEvent",
     "ReceivedSet",
+    "ReceivedSetDetail",
     "ReceiverLockedError",
     "RecipientKeyError",
+    "SentNotification",
     "SetOutcome",
     "SignatureError",
     "Site",
     "SkipCallback",
     "StateError",
+    "StatsFigures",
+    "StatsGroup",
+    "StatsReport",
     "TimelineEntry",
     "TransferChange",
     "TransferDetail",
