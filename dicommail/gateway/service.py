@@ -438,7 +438,7 @@ class Gateway:
         async def cleanup() -> None:
             try:
                 await asyncio.to_thread(run_cleanup, self.config, self.db)
-            except (DicommailError, OSError, sqlite3.Error) as exc:
+            except Exception as exc:  # housekeeping must never stop the gateway
                 log.error("retention clean-up failed: %s; tried again in an hour", exc)
 
         self._cleanup_task = loop.create_task(cleanup(), name="cleanup")

@@ -214,7 +214,7 @@ class Receiver:
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
         try:
             await asyncio.to_thread(run_cleanup, self.config, self.db)
-        except (DicommailError, OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # housekeeping must never stop the receiver
             log.error("retention clean-up failed: %s; tried again in an hour", exc)
 
     def _check_free_space(self) -> None:
