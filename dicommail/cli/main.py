@@ -64,6 +64,13 @@ def init(app: AppContext, address: str, force: bool) -> None:
     """Create the home directory with a commented dicommail.toml."""
     site = Site.init(app.home, address, force=force)
     info(f"wrote {site.config.config_file}")
+    home = f"--home {site.home}"
+    info("next steps:\n"
+         f"  dicommail {home} keys generate --name 'Your Site' --email {address or 'ADDRESS'} "
+         "--passphrase-file FILE\n"
+         f"  edit {site.config.config_file}: identity, [smtp], [mailbox], [pacs] (see examples/)\n"
+         f"  dicommail {home} keys import PEER.asc && dicommail {home} keys certify PEER-ADDRESS\n"
+         f"  dicommail {home} check")
 
 
 def _register_subcommands() -> None:

@@ -9,9 +9,10 @@ through a callback.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
-from dicommail.config import CONFIG_NAME, Config, default_home, load_config, render_template
+from dicommail.config import CONFIG_NAME, Config, default_home, load_config, parse_config, render_template
 from dicommail.errors import ConfigError
 from dicommail.site.base import ProgressCallback, ProgressUpdate
 from dicommail.site.constancy import Constancy
@@ -54,13 +55,16 @@ class Site(Sending, Tracking, Services, Constancy, Operations):
         config_file = path / CONFIG_NAME
         if config_file.exists() and not force:
             raise ConfigError(f"{config_file} already exists", "edit it, or use --force to overwrite it with defaults")
+        text = render_template(address)
+        # Validated before anything is written: a bad address leaves no file (and no home) behind.
+        parse_config(tomllib.loads(text), path, source=str(config_file))
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         make_private(path)  # it may have existed already, e.g. made 0755 by hand
         tmp = config_file.with_suffix(".tmp")
-        tmp.write_text(render_template(address), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         tmp.chmod(0o600)
         tmp.replace(config_file)
-        return cls.open(path)  # the template must itself validate
+        return cls.open(path)
 
     @property
     def keys(self) -> Keys:
