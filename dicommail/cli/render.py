@@ -134,3 +134,18 @@ def since_option(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError as exc:
         raise InputError(f"--since {value!r} is not a date", "use e.g. 2026-11-23 or 2026-11-23T08:00") from exc
+
+
+def format_duration(seconds: float | None, *, compact: bool = False) -> str:
+    """A transfer time for people: "4.7 s", "12 min 34 s", "2 h 05 min" ("4.7s", "12m34s", "2h05m" if ``compact``)."""
+    if seconds is None:
+        return "-"
+    s, m, h = ("s", "m", "h") if compact else (" s", " min", " h")
+    gap = "" if compact else " "
+    if seconds < 60:
+        return f"{seconds:.1f}{s}"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}{m}{gap}{rest:02d}{s}"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}{h}{gap}{minutes:02d}{m}"

@@ -10,7 +10,7 @@ from datetime import datetime
 import click
 
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import handle_errors, print_json
+from dicommail.cli.render import format_duration, handle_errors, print_json
 from dicommail.config import format_size
 from dicommail.site.operations import StatsFigures, StatsReport
 
@@ -32,21 +32,10 @@ def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> da
                                  ctx=ctx, param=param) from None
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, rest = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{rest:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
 def _line(label: str, figures: StatsFigures) -> str:
     return _ROW.format(label, figures.transfers, figures.images, format_size(figures.bytes), figures.failures,
-                       _duration(figures.median_seconds), _duration(figures.p95_seconds))
+                       format_duration(figures.median_seconds, compact=True),
+                       format_duration(figures.p95_seconds, compact=True))
 
 
 def _period(report: StatsReport) -> str:

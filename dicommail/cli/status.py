@@ -20,7 +20,7 @@ from rich.text import Text
 
 from dicommail import TransferDetail, TransferView
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import confirm, handle_errors, info, out, print_json, since_option
+from dicommail.cli.render import confirm, format_duration, handle_errors, info, out, print_json, since_option
 from dicommail.config import format_size
 from dicommail.errors import InputError
 
@@ -44,18 +44,6 @@ def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
     return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {rest:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 def _age(seconds: float) -> str:
@@ -143,7 +131,7 @@ def status_lines(views: Sequence[TransferView], *, wide: bool = False, show_pati
             _Cell(view.status, _STYLE.get(view.status, "")),
             _Cell(_plain(view.recipient)),
             _Cell(_age(now - view.created_at)),
-            _Cell(_duration(view.transfer_seconds)),
+            _Cell(format_duration(view.transfer_seconds)),
         ]
         for view in views
     ]
@@ -183,7 +171,7 @@ def _wide_lines(views: Sequence[TransferView], show_patient: bool) -> list[Text]
             _Cell(f"{view.parts_sent}/{view.set_total}", right=True),
             _Cell(f"{view.parts_acknowledged}/{view.set_total}", right=True),
             _Cell(str(view.images) if view.images is not None else str(view.files), right=True),
-            _Cell(_duration(view.transfer_seconds)),
+            _Cell(format_duration(view.transfer_seconds)),
         ]
         if show_patient:
             row += [_Cell(_plain(view.patient_name or "-")), _Cell(_plain(view.study_description or "-"))]
@@ -209,7 +197,7 @@ def detail_lines(detail: TransferDetail, show_patient: bool = False) -> list[Tex
     lines += _wrapped("", f"created {_when(view.created_at)}; first mail sent {_when(view.first_sent_at)}; "
                       f"parts acknowledged {view.parts_acknowledged}/{view.set_total}", 2)
     if view.transfer_seconds is not None:
-        lines += _wrapped("", f"transfer time {_duration(view.transfer_seconds)} (first mail handed to SMTP "
+        lines += _wrapped("", f"transfer time {format_duration(view.transfer_seconds)} (first mail handed to SMTP "
                           "until the receiver's final notification)", 2)
     if report is not None:
 
