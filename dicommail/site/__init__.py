@@ -41,6 +41,15 @@ class Site(Sending, Tracking, Services, Constancy, Operations):
         Raises :class:`~dicommail.errors.ConfigError` if ``dicommail.toml`` is missing or invalid.
         """
         path = _home_path(home)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            # As git refuses outside a repository: a typo in a cron job's --home
+            # must fail loudly, not show an empty site forever.
+            where = "does not exist" if not path.exists() else f"has no {CONFIG_NAME}"
+            raise ConfigError(
+                f"{path} is not a dicommail home: it {where}",
+                f"check --home / DICOMMAIL_HOME, or create one with: dicommail --home {path} init",
+            )
         config = load_config(path)
         make_home_private(config)
         return cls(config)

@@ -342,6 +342,7 @@ def test_purge(uncertified_home: Practice, hospital: Keyring, study: list[Path],
 
 
 def test_nothing_received(short_tmp: Path) -> None:
+    (short_tmp / "dicommail.toml").touch()
     runner = CliRunner()
     for args in (["inbox"], ["quarantine", "list"]):
         result = runner.invoke(cli, ["--home", str(short_tmp), *args])

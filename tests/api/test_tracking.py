@@ -74,6 +74,7 @@ def _add_transfer(home: Path, ident: int, set_id: str, status: str, *, at: float
 @pytest.fixture
 def sender_home(tmp_path: Path) -> Path:
     """A home with one transfer waiting for its notifications and one delivered a day ago."""
+    (tmp_path / "dicommail.toml").touch()
     now = time.time()
     _add_transfer(tmp_path, 1, SET_ID, "sent", at=now)
     _add_transfer(tmp_path, 2, OTHER_ID, "delivered", at=now - 86400)
@@ -195,6 +196,7 @@ def _pack(keyring: Keyring, files: list[Path], out: Path, max_mail_size: int = 1
 @pytest.fixture
 def receiver_home(short_tmp: Path, hospital: Keyring, practice: Keyring, tmp_path: Path) -> Iterator[Path]:
     """The practice's home after one set was delivered, one is still collecting and one mail was tampered with."""
+    (short_tmp / "dicommail.toml").touch()
     db = Database(short_tmp / "state.db")
     spool = Spool(short_tmp / "spool")
     pipeline = Pipeline(db, spool, practice, FolderDestination(tmp_path / "pacs"), max_output=1024**3,
@@ -274,6 +276,7 @@ def test_quarantine(receiver_home: Path) -> None:
 
 
 def test_nothing_received_yet(tmp_path: Path) -> None:
+    (tmp_path / "dicommail.toml").touch()
     site = dicommail.Site.open(tmp_path)
     assert site.received_sets() == [] and site.quarantine() == []
 
@@ -299,6 +302,7 @@ def test_check_reports_every_problem_without_raising(short_tmp: Path) -> None:
 
 
 def test_check_when_the_checks_cannot_start(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (short_tmp / "dicommail.toml").touch()
     site = dicommail.Site.open(short_tmp)
     monkeypatch.setenv("PATH", str(short_tmp / "no-gpg-here"))  # the keyring cannot run gpg
     [result] = site.check()
@@ -333,6 +337,7 @@ def test_a_broken_config(short_tmp: Path) -> None:
 def test_echo_refuses_bad_arguments(
     tmp_path: Path, target: str | None, calling_aet: str | None, argument: str, message: str
 ) -> None:
+    (tmp_path / "dicommail.toml").touch()
     site = dicommail.Site.open(tmp_path)
     with pytest.raises(InvalidArgumentError) as bad:
         site.echo(target, calling_aet)

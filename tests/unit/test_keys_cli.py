@@ -39,6 +39,8 @@ def homes(tmp_path: Path) -> Any:
     import tempfile
 
     made = [Path(tempfile.mkdtemp(prefix="dm")) for _ in range(2)]
+    for home in made:
+        (home / "dicommail.toml").touch()
     yield made
     for home in made:
         if (home / "gnupg").exists():

@@ -238,6 +238,7 @@ def test_status_and_transfers_commands(tmp_path: Path) -> None:
 
     from dicommail.cli import cli
 
+    (tmp_path / "dicommail.toml").touch()
     tracker, db, _clock = _outbox(tmp_path)
     tracker.on_report(1, _report(n.SUCCESS, part=1))
     db.close()
