@@ -6,15 +6,15 @@ import errno
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.text import Text
 
-from dicommail.errors import DicommailError, InputError
+from dicommail.errors import DicommailError
 
 #: Normal output goes to stdout; messages, warnings and progress to stderr so
 #: that ``--json`` output stays machine-readable.
@@ -31,6 +31,11 @@ class _Output:
     """What this invocation has printed: --json promises one document, however the command ends."""
 
     json_documents = 0
+
+
+def new_invocation() -> None:
+    """Forget what an earlier invocation printed (tests run many in one process)."""
+    _Output.json_documents = 0
 
 
 def print_json(data: Any) -> None:
@@ -78,6 +83,38 @@ def fail(error: DicommailError, as_json: bool = False) -> None:
     raise SystemExit(EXIT_FAILURE)
 
 
+def wants_json(args: Sequence[str]) -> bool:
+    """Whether a command line asks for ``--json`` (options end at a literal ``--``)."""
+    for arg in args:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
+def usage_error_document(error: click.UsageError) -> dict[str, Any]:
+    """The ``error`` member of a --json document for a usage error (code "usage")."""
+    command = error.ctx.command_path if error.ctx is not None else "dicommail"
+    return {"code": "usage", "message": error.format_message(), "hint": f"see '{command} --help'"}
+
+
+class JsonUsageError(click.UsageError):
+    """A usage error under ``--json``: one JSON document on stdout, click's text on stderr, exit 2."""
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(error.format_message(), error.ctx)
+        self.error = error
+
+    def format_message(self) -> str:
+        return self.error.format_message()
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        if not json_printed():
+            print_json({"ok": False, "error": usage_error_document(self.error)})
+        self.error.show(file)
+
+
 def os_error(exc: OSError) -> DicommailError:
     """A file-system failure (disk full, permissions) as a message with a hint."""
     where = f" ({exc.filename})" if exc.filename else ""
@@ -95,7 +132,7 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _Output.json_documents = 0  # a new invocation (tests run many in one process)
+        new_invocation()
         try:
             return func(*args, **kwargs)
         except DicommailError as exc:
@@ -133,7 +170,9 @@ def since_option(value: str | None) -> datetime | None:
     try:
         return datetime.fromisoformat(value)
     except ValueError as exc:
-        raise InputError(f"--since {value!r} is not a date", "use e.g. 2026-11-23 or 2026-11-23T08:00") from exc
+        # A usage error (exit 2), as click reports a bad value of its own.
+        raise click.BadParameter(f"{value!r} is not a date; use e.g. 2026-11-23 or 2026-11-23T08:00",
+                                 param_hint="'--since'") from exc
 
 
 def format_duration(seconds: float | None, *, compact: bool = False) -> str:

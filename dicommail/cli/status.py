@@ -18,7 +18,7 @@ import click
 from rich.cells import cell_len
 from rich.text import Text
 
-from dicommail import TransferDetail, TransferView
+from dicommail import TransferChange, TransferDetail, TransferView
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.render import confirm, format_duration, handle_errors, info, out, print_json, since_option
 from dicommail.config import format_size
@@ -295,45 +295,61 @@ def _asker(question: Callable[[TransferView], str], yes: bool) -> Callable[[Tran
     return ask
 
 
+def _report(change: TransferChange, as_json: bool, message: str) -> None:
+    """What a change did: ``message`` on stderr, or with ``as_json`` one document on stdout."""
+    if as_json:
+        print_json({"ok": True, "action": change.action, "transfer": change.transfer.to_json(),
+                    "mails_queued": change.mails_queued, "files_removed": change.files_removed})
+    else:
+        info(message)
+
+
+_YES = click.option("--yes", is_flag=True, help="Do not ask (for scripts).")
+_JSON = click.option("--json", "as_json", is_flag=True,
+                     help="Print what was done as JSON (the transfer as it was before).")
+
+
 @transfers.command()
 @click.argument("ident")
-@click.option("--yes", is_flag=True, help="Do not ask (for scripts).")
+@_YES
+@_JSON
 @pass_app
 @handle_errors
-def retry(app: AppContext, ident: str, yes: bool) -> None:
+def retry(app: AppContext, ident: str, yes: bool, as_json: bool) -> None:
     """Queue a failed, expired or cancelled transfer again (its unacknowledged parts)."""
     change = app.site.retry(ident, confirm=_asker(
         lambda v: f"Send the unacknowledged parts of set {v.set_id} ({v.status}) to {v.recipient} again?", yes))
-    info(
-        f"{change.mails_queued} mail(s) of set {change.transfer.set_id} queued again; they go out with "
-        "`dicommail send --pending` or the running `dicommail receive`"
-    )
+    _report(change, as_json,
+            f"{change.mails_queued} mail(s) of set {change.transfer.set_id} queued again; they go out with "
+            "`dicommail send --pending` or the running `dicommail receive`")
 
 
 @transfers.command()
 @click.argument("ident")
-@click.option("--yes", is_flag=True, help="Do not ask (for scripts).")
+@_YES
+@_JSON
 @pass_app
 @handle_errors
-def cancel(app: AppContext, ident: str, yes: bool) -> None:
+def cancel(app: AppContext, ident: str, yes: bool, as_json: bool) -> None:
     """Stop an active transfer: mails not yet sent stay unsent; later notifications change nothing."""
     change = app.site.cancel(ident, confirm=_asker(
         lambda v: f"Cancel set {v.set_id} ({v.status}, {v.parts_sent}/{v.set_total} part(s) sent) to {v.recipient}?",
         yes,
     ))
-    info(f"set {change.transfer.set_id} cancelled")
+    _report(change, as_json, f"set {change.transfer.set_id} cancelled")
 
 
 @transfers.command()
 @click.argument("ident")
-@click.option("--yes", is_flag=True, help="Do not ask (for scripts).")
+@_YES
+@_JSON
 @pass_app
 @handle_errors
-def delete(app: AppContext, ident: str, yes: bool) -> None:
+def delete(app: AppContext, ident: str, yes: bool, as_json: bool) -> None:
     """Remove a finished transfer, its records and its mails in the outbox."""
     change = app.site.delete(ident, confirm=_asker(
         lambda v: f"Delete set {v.set_id} ({v.status}) and its {v.mails} mail(s) from the outbox?", yes))
-    info(f"set {change.transfer.set_id} deleted ({change.files_removed} file(s) removed)")
+    _report(change, as_json, f"set {change.transfer.set_id} deleted ({change.files_removed} file(s) removed)")
 
 
 COMMANDS: list[click.Command] = [status, transfers]

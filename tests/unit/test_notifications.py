@@ -249,7 +249,7 @@ def test_status_and_transfers_commands(tmp_path: Path) -> None:
     (row,) = json.loads(listing.output)["transfers"]
     assert (row["status"], row["parts_acknowledged"]) == ("acknowledged", 1) and "patient_name" not in row
     assert json.loads(runner.invoke(cli, [*home, "status", "--json", "--done"]).output)["transfers"] == []
-    assert runner.invoke(cli, [*home, "status", "--since", "yesterday"]).exit_code == 1
+    assert runner.invoke(cli, [*home, "status", "--since", "yesterday"]).exit_code == 2  # a usage error
     shown = runner.invoke(cli, [*home, "status", SET_ID])
     assert shown.exit_code == 0 and "acknowledged" in shown.output and "notification" in shown.output
     # Without a terminal and without --yes nothing changes.
