@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import click
@@ -10,8 +11,8 @@ from rich.table import Table
 
 from dicommail import KeyInfo
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import confirm, echo_escape, err, handle_errors, info, out, print_json
-from dicommail.errors import InputError
+from dicommail.cli.render import confirm, echo_escape, err, error_document, handle_errors, info, out, print_json
+from dicommail.errors import DicommailError, InputError
 from dicommail.site.keys import Algorithm
 
 
@@ -36,11 +37,29 @@ def _ask(question: str, assume_yes: bool) -> None:
         raise InputError("cancelled")
 
 
-def _describe(key: KeyInfo) -> None:
-    """Fingerprint grouped for reading aloud, and who the key claims to be."""
-    out.print(f"  {key.grouped_fingerprint}")
+def _describe(key: KeyInfo, as_json: bool = False) -> None:
+    """Fingerprint grouped for reading aloud, and who the key claims to be (on stderr with --json)."""
+    console = err if as_json else out
+    console.print(f"  {key.grouped_fingerprint}")
     for uid in key.user_ids:
-        out.print(f"  {echo_escape(uid)}")
+        console.print(f"  {echo_escape(uid)}")
+
+
+def _say(text: str) -> None:
+    """A message on stderr, each line word-wrapped to 80 columns (a path or fingerprint is never cut)."""
+    lines = [
+        textwrap.fill(line, width=80, break_long_words=False, break_on_hyphens=False, subsequent_indent=indent)
+        for line in text.splitlines()
+        for indent in [" " * (len(line) - len(line.lstrip()))]
+    ]
+    info("\n".join(lines))
+
+
+def _or_null(value: str) -> str | None:
+    return value or None
+
+
+_JSON_HELP = "Print the result as one JSON document (also on failure)."
 
 
 @click.group()
@@ -55,10 +74,19 @@ def keys() -> None:
 @click.option("--expires", default="2y", show_default=True, help="e.g. 2y, 18m, 365d, 2028-12-31 or never.")
 @click.option(
     "--passphrase-file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     help="File whose first line is the new key's passphrase.",
 )
+@click.option(
+    "--new-passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Create this file (mode 0600) with a random passphrase for the new key; it must not exist yet.",
+)
 @click.option("--no-passphrase", is_flag=True, help="Leave the secret key unprotected (e.g. a locked-down server).")
+@click.option(
+    "--make-default", is_flag=True, help="Make the new key this site's key even if identity.key names another key."
+)
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
 def generate(
@@ -68,32 +96,80 @@ def generate(
     algo: Algorithm,
     expires: str,
     passphrase_file: Path | None,
+    new_passphrase_file: Path | None,
     no_passphrase: bool,
+    make_default: bool,
+    as_json: bool,
 ) -> None:
-    """Generate this site's key pair (signing key plus encryption subkey)."""
-    if (passphrase_file is None) == (not no_passphrase):
+    """Generate this site's key pair (signing key plus encryption subkey).
+
+    The key and its passphrase file are recorded as identity.key and
+    identity.passphrase_file in dicommail.toml, unless identity.key names
+    another key (then --make-default switches).  Relative paths are
+    relative to the current directory; the config gets paths that mean the
+    same.
+    """
+    given = [passphrase_file is not None, new_passphrase_file is not None, no_passphrase]
+    if given.count(True) != 1:
         raise InputError(
-            "give exactly one of --passphrase-file and --no-passphrase",
-            "a passphrase protects the key if the keyring is copied; --no-passphrase is for protected servers",
+            "give exactly one of --passphrase-file, --new-passphrase-file and --no-passphrase",
+            "--new-passphrase-file FILE creates a random passphrase; a passphrase protects the key if the "
+            "keyring is copied; --no-passphrase is for protected servers",
         )
-    passphrase = _read_passphrase_file(passphrase_file) if passphrase_file else None
-    key = app.site.keys.generate(name, email, algo=algo, expires=expires, passphrase=passphrase)
-    out.print(f"generated {key.algorithm} key for {echo_escape(key.user_id)}:")
-    out.print(f"  {key.grouped_fingerprint}")
-    info(
-        'next: set identity.key = "'
-        + key.fingerprint
-        + '" in dicommail.toml'
-        + (" and identity.passphrase_file" if passphrase else "")
-        + "; send the public key (dicommail keys export "
-        + key.fingerprint
-        + " -o site.pub.asc) to your peers and read them the fingerprint by phone"
+    site = app.site  # a home that cannot be opened fails before any file is created
+    if new_passphrase_file is not None:
+        new_passphrase_file = new_passphrase_file.expanduser().absolute()
+        passphrase: str | None = site.keys.create_passphrase_file(new_passphrase_file)
+    else:
+        passphrase = _read_passphrase_file(passphrase_file) if passphrase_file else None
+    # Relative to the current directory, whatever the config makes of it.
+    passphrase_path = new_passphrase_file or (passphrase_file.absolute() if passphrase_file else None)
+    try:
+        key = site.keys.generate(name, email, algo=algo, expires=expires, passphrase=passphrase)
+    except BaseException:
+        if new_passphrase_file is not None:
+            # A passphrase for no key: gone, so that running the command again works.
+            new_passphrase_file.unlink(missing_ok=True)
+        raise
+    if not as_json:
+        out.print(f"generated {key.algorithm} key for {echo_escape(key.user_id)}:")
+        out.print(f"  {key.grouped_fingerprint}")
+        if new_passphrase_file is not None:
+            _say(f"wrote its passphrase to {new_passphrase_file} (mode 0600): keep a copy in a safe place")
+    try:
+        change = site.keys.make_default(key.fingerprint, passphrase_file=passphrase_path, replace=make_default)
+    except DicommailError as exc:
+        if as_json:
+            print_json({"ok": False, "error": error_document(exc), "key": key.to_json()})
+        _say(f"the key {key.fingerprint} was generated, but dicommail.toml does not name it yet")
+        raise
+    identity = site.config.identity
+    if as_json:
+        print_json({
+            "ok": True,
+            "key": key.to_json(),
+            "passphrase_file": str(passphrase_path) if passphrase_path else None,
+            "identity": {
+                "changed": change.changed,
+                "message": change.message,
+                "config_file": str(site.config.config_file),
+                "key": _or_null(identity.key),
+                "passphrase_file": _or_null(identity.passphrase_file),
+            },
+        })
+        return
+    _say(change.message)
+    if identity.key != key.fingerprint:
+        return  # not this site's key (yet): nothing to send to the peers
+    _say(
+        f"next: send the public key (dicommail keys export {key.fingerprint} -o site.pub.asc) to your peers "
+        "and read them the fingerprint by phone"
     )
 
 
 @keys.command(name="list")
 @click.option("--secret", is_flag=True, help="Only keys with a secret part (this site's own keys).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
 def list_(app: AppContext, secret: bool, as_json: bool) -> None:
@@ -133,20 +209,28 @@ def list_(app: AppContext, secret: bool, as_json: bool) -> None:
 
 
 @keys.command(name="import")
-@click.argument("file", type=click.Path(dir_okay=False, exists=True, allow_dash=True, path_type=Path))
+# Not exists=True: a missing file is reported by the command itself, as one JSON document with --json.
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @click.option(
     "--secret", is_flag=True, help="Also import secret keys (only to restore this site's own key from a backup)."
 )
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
-def import_(app: AppContext, file: Path, secret: bool) -> None:
+def import_(app: AppContext, file: Path, secret: bool, as_json: bool) -> None:
     """Import keys from FILE (armored or binary; - reads stdin)."""
-    data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    try:
+        data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {file}: {exc.strerror}", "check the file name and its permissions") from exc
     try:
         imported = app.site.keys.import_(data, secret=secret)
     except InputError as exc:
         source = "standard input" if str(file) == "-" else str(file)
         raise InputError(f"{source}: {exc.message}", exc.hint) from exc
+    if as_json:
+        print_json({"ok": True, "keys": [key.to_json() for key in imported]})
+        return
     for key in imported:
         kind = "secret key" if key.has_secret else "key"
         out.print(f"imported {kind} {echo_escape(key.user_id)} ({key.validity}):")
@@ -169,57 +253,81 @@ def import_(app: AppContext, file: Path, secret: bool) -> None:
 @click.argument("key_id", metavar="ID")
 @click.option("--secret", is_flag=True, help="Export the secret key (for a backup; keep it safe).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file, not stdout.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP + " Without -o it holds the armored key.")
 @pass_app
 @handle_errors
-def export(app: AppContext, key_id: str, secret: bool, output: Path | None) -> None:
+def export(app: AppContext, key_id: str, secret: bool, output: Path | None, as_json: bool) -> None:
     """Export a key, ASCII-armored (public unless --secret)."""
     if output is None:
-        sys.stdout.write(app.site.keys.export(key_id, secret=secret))
+        text = app.site.keys.export(key_id, secret=secret)
+        if not as_json:
+            sys.stdout.write(text)
+            return
+        print_json({"ok": True, "key": app.site.keys.get(key_id).to_json(), "secret": secret, "file": None,
+                    "armored": text})
         return
-    app.site.keys.export_file(key_id, output, secret=secret)
-    info(f"wrote {output}")
+    path = output.expanduser().absolute()
+    app.site.keys.export_file(key_id, path, secret=secret)
+    if as_json:
+        print_json({"ok": True, "key": app.site.keys.get(key_id).to_json(), "secret": secret, "file": str(path)})
+        return
+    info(f"wrote {path}")
 
 
 @keys.command()
 @click.argument("key_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
-def fingerprint(app: AppContext, key_id: str) -> None:
+def fingerprint(app: AppContext, key_id: str, as_json: bool) -> None:
     """Print a key's fingerprint in groups of four, for reading aloud."""
-    out.print(app.site.keys.fingerprint(key_id))
+    key = app.site.keys.get(key_id)
+    if as_json:
+        print_json({"ok": True, "fingerprint": key.fingerprint, "grouped": key.grouped_fingerprint,
+                    "key": key.to_json()})
+        return
+    out.print(key.grouped_fingerprint)
 
 
 @keys.command()
 @click.argument("key_id", metavar="ID")
 @click.option("--yes", is_flag=True, help="Do not ask: you checked the fingerprint with the key owner.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
-def certify(app: AppContext, key_id: str, yes: bool) -> None:
+def certify(app: AppContext, key_id: str, yes: bool, as_json: bool) -> None:
     """Trust a peer's key: certify it locally after checking its fingerprint."""
     key = app.site.keys.get(key_id)
     if not key.certified:
         err.print("certify this key?")
-        _describe(key)
+        _describe(key, as_json)
         _ask("Did you check this fingerprint with the key owner?", yes)
     change = app.site.keys.certify(key.fingerprint)
+    if as_json:
+        print_json({"ok": True, **change.to_json()})
+        return
     out.print(echo_escape(change.message))
 
 
 @keys.command()
 @click.argument("key_id", metavar="ID")
 @click.option("--yes", is_flag=True, help="Do not ask.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
-def revoke(app: AppContext, key_id: str, yes: bool) -> None:
+def revoke(app: AppContext, key_id: str, yes: bool, as_json: bool) -> None:
     """Revoke this site's key, or withdraw the certification of a peer's key."""
     key = app.site.keys.get(key_id)
-    _describe(key)
+    _describe(key, as_json)
     if key.has_secret:
         question = "Revoke this site's OWN key for good (peers will refuse it once they import the revocation)?"
     else:
         question = "Withdraw this site's certification (mail signed with this key will be refused)?"
     _ask(question, yes)
     change = app.site.keys.revoke(key.fingerprint)
+    if as_json:
+        print_json({"ok": True, **change.to_json()})
+        return
     out.print(echo_escape(change.message))
     if key.has_secret and change.changed:
         info(f"next: dicommail keys export {key.fingerprint} -o revoked.pub.asc and send it to every peer")
@@ -229,25 +337,29 @@ def revoke(app: AppContext, key_id: str, yes: bool) -> None:
 @click.argument("key_id", metavar="ID")
 @click.option("--secret", is_flag=True, help="Also delete the secret part (required for this site's own key).")
 @click.option("--yes", is_flag=True, help="Do not ask.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
-def delete(app: AppContext, key_id: str, secret: bool, yes: bool) -> None:
+def delete(app: AppContext, key_id: str, secret: bool, yes: bool, as_json: bool) -> None:
     """Delete a key from the keyring."""
     key = app.site.keys.get(key_id)
-    _describe(key)
+    _describe(key, as_json)
     if key.has_secret and secret:
         question = "Delete this site's SECRET key? Mail encrypted to it can never be read again."
     else:
         question = "Delete this key?"
     _ask(question, yes)
-    app.site.keys.delete(key.fingerprint, secret=secret)
-    out.print(f"deleted {key.fingerprint}")
+    deleted = app.site.keys.delete(key.fingerprint, secret=secret)
+    if as_json:
+        print_json({"ok": True, "changed": True, "message": f"deleted {deleted.fingerprint}", "key": deleted.to_json()})
+        return
+    out.print(f"deleted {deleted.fingerprint}")
 
 
 @keys.command()
 @click.argument("key_id", metavar="[ID]", required=False)
 @click.option("--expires", default="2y", show_default=True, help="e.g. 2y, 18m, 365d, 2028-12-31 or never.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @pass_app
 @handle_errors
 def extend(app: AppContext, key_id: str | None, expires: str, as_json: bool) -> None:

@@ -305,7 +305,7 @@ def own_key(keyring: Keyring, configured: str = "", *, allow_expired: bool = Fal
     if not secrets:
         raise KeyNotFoundError(
             f"this site has no key yet (no secret key in {keyring.home})",
-            "create one: dicommail keys generate --name NAME --email ADDRESS --passphrase-file FILE",
+            "create one: dicommail keys generate --name NAME --email ADDRESS --new-passphrase-file FILE",
         )
     unusable = ("revoked", "disabled", "invalid") if allow_expired else ("revoked", "expired", "disabled", "invalid")
     usable = [k for k in secrets if k.validity not in unusable]
@@ -376,7 +376,7 @@ def generate(
         delete(keyring, fpr, secret=True)
         raise CryptoError(
             f"gpg could not add the encryption subkey: {result.log_excerpt() or 'unknown error'}",
-            "try again; if it persists, check `gpg --version` (GnuPG 2.2 or later is needed)",
+            f"try again; if it persists, check gpg --homedir {keyring.home} --version (GnuPG 2.2 or later is needed)",
         )
     return find_key(keyring, fpr)
 
@@ -438,7 +438,8 @@ def import_keys(keyring: Keyring, data: bytes, *, allow_secret: bool = False) ->
         problem = result.log_excerpt() or "no OpenPGP key found"
         raise CryptoError(
             f"no key could be imported: {problem}",
-            "the file must hold an OpenPGP key, e.g. made with `dicommail keys export` or `gpg --export --armor`",
+            "the file must hold an OpenPGP key, e.g. made with `dicommail keys export`, or by the peer's GnuPG "
+            "with --export --armor",
         )
     by_fpr = {k.fingerprint: k for k in list_keys(keyring)}
     return [by_fpr[f] for f in fingerprints if f in by_fpr]
@@ -654,7 +655,8 @@ def _uncertify(keyring: Keyring, key: KeyInfo, passphrase: str | None) -> KeyCha
     if after.certified:
         raise CryptoError(
             f"{key.fingerprint} is still trusted ({after.validity}) after withdrawing this site's certification",
-            "another key with ultimate ownertrust certified it; inspect with gpg --list-sigs",
+            f"another key with ultimate ownertrust certified it; inspect with: "
+            f"gpg --homedir {keyring.home} --list-sigs {key.fingerprint}",
         )
     return KeyChange(after, True, f"withdrew this site's certification of {after.fingerprint}: no longer trusted")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -15,6 +16,7 @@ from click.testing import CliRunner, Result
 
 from dicommail import (
     AmbiguousKeyError,
+    ConfigError,
     CryptoError,
     InputError,
     KeyNotFoundError,
@@ -331,3 +333,100 @@ def test_cli_extend(new_site: NewSite) -> None:
     refused_json = cli_keys(beta, "extend", key_a.fingerprint, "--json")
     assert refused_json.exit_code == 1
     assert json.loads(refused_json.stdout)["error"]["code"] == "crypto"
+
+
+# -- passphrase files and this site's key in dicommail.toml ------------------------------
+
+
+def test_create_passphrase_file(tmp_path: Path, new_site: NewSite) -> None:
+    site = new_site("alpha")
+    path = tmp_path / "passphrase"
+    previous = os.umask(0)  # 0600 whatever the umask
+    try:
+        passphrase = site.keys.create_passphrase_file(path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == passphrase + "\n" and len(passphrase) >= 32
+    assert site.keys.create_passphrase_file(tmp_path / "other") != passphrase
+    with pytest.raises(InputError, match="exists already"):
+        site.keys.create_passphrase_file(path)
+    assert path.read_text() == passphrase + "\n"
+    with pytest.raises(InputError, match="cannot create"):
+        site.keys.create_passphrase_file(tmp_path / "missing" / "passphrase")
+
+
+def test_make_default_records_keeps_and_replaces(new_site: NewSite) -> None:
+    site = new_site("alpha")
+    key_a = with_key(site, "alpha")
+    change = site.keys.make_default(key_a.fingerprint, passphrase_file=None)
+    assert change.changed and change.key == key_a
+    assert site.config.identity.key == key_a.fingerprint  # the site reads the new file
+    assert Site.open(site.home).config.identity.key == key_a.fingerprint
+    assert not site.keys.make_default(key_a.key_id, passphrase_file=None).changed
+
+    key_b = site.keys.generate("beta (TEST ONLY)", "beta@beta.test", algo="ed25519", passphrase=None)
+    (site.home / "passphrase").write_text("unused: the key has none\n")
+    kept = site.keys.make_default(key_b.fingerprint, passphrase_file=site.home / "passphrase")
+    assert not kept.changed and site.config.identity.key == key_a.fingerprint
+    assert f'key = "{key_b.fingerprint}"' in kept.message and 'passphrase_file = "passphrase"' in kept.message
+    switched = site.keys.make_default(key_b.fingerprint, passphrase_file=None, replace=True)
+    assert switched.changed and Site.open(site.home).keys.own() == site.keys.get(key_b.fingerprint)
+
+    peer = new_site("gamma")
+    befriend(site, with_key_site(peer, "gamma"))
+    with pytest.raises(KeyNotFoundError):
+        site.keys.make_default("gamma@gamma.test", passphrase_file=None)  # a peer's key has no secret here
+
+
+def with_key_site(site: Site, name: str) -> Site:
+    with_key(site, name)
+    return site
+
+
+def test_make_default_paths_mean_the_same(new_site: NewSite, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    site = new_site("alpha")
+    key = with_key(site, "alpha")
+    (site.home / "secrets").mkdir()
+    (site.home / "secrets" / "pass").write_text("x\n")
+    monkeypatch.chdir(site.home / "secrets")
+    site.keys.make_default(key.fingerprint, passphrase_file=Path("pass"))
+    assert site.config.identity.passphrase_file == "secrets/pass"
+    assert site.config.resolve(site.config.identity.passphrase_file) == site.home / "secrets" / "pass"
+
+    monkeypatch.chdir(tmp_path)
+    Path("outside").write_text("x\n")
+    Path("sub").mkdir()
+    site.keys.make_default(key.fingerprint, passphrase_file=Path("sub/../outside"))
+    assert site.config.identity.passphrase_file == str(tmp_path / "outside")
+
+    before = site.config.config_file.read_bytes()
+    with pytest.raises(InputError, match="cannot read the passphrase file"):
+        site.keys.make_default(key.fingerprint, passphrase_file=Path("missing"))
+    assert site.config.config_file.read_bytes() == before
+
+
+def test_make_default_leaves_an_uneditable_config_alone(new_site: NewSite) -> None:
+    site = new_site("alpha")
+    key = with_key(site, "alpha")
+    text = 'identity = { address = "alpha@alpha.test" }\n'
+    site.config.config_file.write_text(text)
+    site = Site.open(site.home)
+    with pytest.raises(ConfigError) as refused:
+        site.keys.make_default(key.fingerprint, passphrase_file=None)
+    assert f'key = "{key.fingerprint}"' in refused.value.hint
+    assert site.config.config_file.read_text() == text and site.config.identity.key == ""
+
+
+def test_cli_extend_by_id_for_two_years(new_site: NewSite) -> None:
+    site = new_site("alpha")
+    key = with_key(site, "alpha", expires="1y")
+    result = cli_keys(site, "extend", key.fingerprint, "--expires", "2y")
+    assert result.exit_code == 0, result.output
+    after = site.keys.get(key.fingerprint)
+    assert after.expires is not None
+    assert timedelta(days=725) <= after.expires - datetime.now(UTC) <= timedelta(days=732)
+    # Set in a second gpg run: the same date, perhaps a second later.
+    (subkey,) = subkey_expiries(site, key.fingerprint)
+    assert abs(int(subkey) - after.expires.timestamp()) < 60
