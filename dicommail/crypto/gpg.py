@@ -13,17 +13,18 @@ and no plaintext is left on disk.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO, cast
 
 import gnupg
 
@@ -63,6 +64,9 @@ AGENT_CONF = """\
 default-cache-ttl 60
 max-cache-ttl 600
 """
+
+#: Pipe buffer for plaintext streamed into gpg (Linux's most for an unprivileged process).
+STREAM_PIPE_SIZE = 1024 * 1024
 
 # libgpg-error codes (the low 16 bits of a FAILURE/ERROR code).
 _ERR_BAD_PASSPHRASE = 11
@@ -140,6 +144,19 @@ class GpgResult:
         """The last few of gpg's own messages, for error texts (never data)."""
         lines = [line.removeprefix("gpg: ").strip() for line in self.log if line.startswith("gpg: ")]
         return "; ".join(lines[-limit:])
+
+
+def _stream_result(returncode: int, stderr: str) -> GpgResult:
+    """What a gpg run with ``--status-fd 2`` wrote to stderr, as :meth:`Keyring.run` collects it."""
+    status = []
+    log = []
+    for line in stderr.splitlines():
+        if line.startswith("[GNUPG:] "):
+            keyword, _, value = line[9:].strip().partition(" ")
+            status.append((keyword, value.strip()))
+        else:
+            log.append(line)
+    return GpgResult(returncode=returncode, status=status, log=log, stdout=b"")
 
 
 class _Collector:
@@ -309,6 +326,20 @@ class Keyring:
                 timeout=30,
             )
 
+    def forget_passphrases(self) -> None:
+        """Make this home's running gpg-agent forget the passphrases it cached (if one runs).
+
+        A cached passphrase makes any passphrase, even a wrong one, work; a
+        test of the configured passphrase must come after this.
+        """
+        gpgconf = shutil.which("gpgconf")
+        if gpgconf is None:
+            return
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            # SIGHUP by another name: the agent flushes its cache and re-reads its config.
+            subprocess.run([gpgconf, "--homedir", str(self.home), "--reload", "gpg-agent"],
+                           check=False, capture_output=True, timeout=30)
+
     def __enter__(self) -> Keyring:
         return self
 
@@ -319,6 +350,17 @@ class Keyring:
         return f"Keyring({str(self.home)!r})"
 
     # -- low level -------------------------------------------------------------
+
+    def _usable_passphrase(self, passphrase: str | None) -> str | None:
+        """The passphrase as gpg gets it (None: the key has none), or :class:`PassphraseError`."""
+        if passphrase == "":
+            return None  # gpg has no "empty passphrase": it means an unprotected key
+        if passphrase is not None and not self._gpg.is_valid_passphrase(passphrase):
+            raise PassphraseError(
+                "the passphrase contains a line break or NUL character, which gpg cannot accept",
+                "put the passphrase on the first line of the passphrase file, with nothing else",
+            )
+        return passphrase
 
     def run(
         self,
@@ -332,13 +374,7 @@ class Keyring:
         With a passphrase, gpg gets it on stdin before the data (loopback
         pinentry); without one, the agent is told to fail rather than prompt.
         """
-        if passphrase == "":
-            passphrase = None  # gpg has no "empty passphrase": it means an unprotected key
-        if passphrase is not None and not self._gpg.is_valid_passphrase(passphrase):
-            raise PassphraseError(
-                "the passphrase contains a line break or NUL character, which gpg cannot accept",
-                "put the passphrase on the first line of the passphrase file, with nothing else",
-            )
+        passphrase = self._usable_passphrase(passphrase)
         full_args = list(args)
         if passphrase is None:
             full_args[:0] = ["--pinentry-mode", "error"]
@@ -425,6 +461,69 @@ class Keyring:
             )
             if result.returncode != 0 or not result.has("END_ENCRYPTION") or not result.has("SIG_CREATED"):
                 raise self._encrypt_error(result, recipient=recipient, signer=signer)
+
+    def sign_encrypt_stream(
+        self,
+        write: Callable[[BinaryIO], None],
+        out: BinaryIO,
+        *,
+        recipient: str,
+        signer: str,
+        passphrase: str | None,
+        compress_level: int = 1,
+    ) -> None:
+        """Sign and encrypt what ``write`` writes, like :meth:`sign_encrypt_file`, onto ``out``.
+
+        ``write(stdin)`` runs in the calling thread and writes the plaintext into
+        gpg while gpg encrypts it: building and encrypting overlap, and no
+        plaintext is stored anywhere.  gpg writes the armor itself to ``out``'s
+        file descriptor, at its current position (``out`` is flushed first; seek
+        to its end before writing to it again).  An exception from ``write`` ends
+        gpg and is raised; a failure of gpg raises :class:`CryptoError`.
+        """
+        if not 0 <= compress_level <= 9:
+            raise ValueError(f"compress_level must be 0..9, got {compress_level}")
+        passphrase = self._usable_passphrase(passphrase)
+        pinentry = ["--pinentry-mode", "error"] if passphrase is None else [
+            "--pinentry-mode", "loopback", "--passphrase-fd", "0"]
+        args = [
+            self._gpg.gpgbinary, "--status-fd", "2", "--no-tty", "--batch", "--homedir", str(self.home),
+            *BASE_OPTIONS, *pinentry,
+            # As in _sign_encrypt: --local-user, and no file name in the literal data packet.
+            "--local-user", gpg_name(signer), "--recipient", gpg_name(recipient),
+            "--sign", "--encrypt", "--armor", "-z", str(compress_level), "--set-filename", "", "--output", "-",
+        ]
+        out.flush()
+        with tempfile.TemporaryFile() as messages:
+            try:
+                process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=out.fileno(), stderr=messages,
+                                           env=self._gpg.env)
+            except OSError as exc:
+                raise CryptoError(f"running gpg failed: {exc}", "check that GnuPG is installed and working") from exc
+            stdin = cast(BinaryIO, process.stdin)  # a BufferedWriter: Popen's stdin=PIPE, bufsize -1
+            assert stdin is not None
+            try:
+                with contextlib.suppress(OSError):
+                    # A pipe of 1 MiB instead of 64 KiB: the writer works in bursts, gpg reads steadily.
+                    fcntl.fcntl(stdin.fileno(), fcntl.F_SETPIPE_SZ, STREAM_PIPE_SIZE)
+                try:
+                    if passphrase is not None:
+                        stdin.write(passphrase.encode(self._gpg.encoding) + b"\n")
+                    write(stdin)
+                    stdin.close()
+                except BrokenPipeError:
+                    pass  # gpg stopped reading because it gave up early; its status lines tell why
+            except BaseException:
+                process.kill()
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    stdin.close()
+                process.wait()
+            messages.seek(0)
+            result = _stream_result(process.returncode, messages.read().decode(self._gpg.encoding))
+        if result.returncode != 0 or not result.has("END_ENCRYPTION") or not result.has("SIG_CREATED"):
+            raise self._encrypt_error(result, recipient=recipient, signer=signer)
 
     def detach_sign_file(self, path: Path, out: Path, *, signer: str, passphrase: str | None) -> None:
         """Write a detached, ASCII-armored signature of ``path`` by ``signer`` to ``out``.

@@ -535,10 +535,14 @@ class Tracking(SiteBase):
     # -- checks -----------------------------------------------------------------------------------
 
     def check(self) -> list[CheckResult]:
-        """Check that this site can run: config, own key, peers' keys, SMTP, mailbox, PACS.
+        """Check that this site can run: config, secret files, keys, a test signature, servers, gateway, acks.
 
-        One :class:`CheckResult` per check, in a fixed order; a failed check
-        never stops the others.  Keys must not expire within 30 days.  If the
+        One :class:`CheckResult` per check, in a fixed order, every check
+        always there: one that does not apply is "skipped" with the setting
+        that would enable it.  A failed check never stops the others.  The
+        test signature flushes the passphrases this home's gpg-agent cached,
+        so that a wrong passphrase file shows now.  Keys must not expire
+        within 30 days; secret files open to others are a "warning".  If the
         checks cannot start at all (the keyring cannot be opened), the result
         is one failed "config" check saying why.
         """

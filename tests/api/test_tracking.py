@@ -17,7 +17,7 @@ from dicommail.cli import cli
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import scan
-from dicommail.errors import ConfigError, DestinationError, InputError, UnexpectedError
+from dicommail.errors import DestinationError, InputError, UnexpectedError
 from dicommail.receiver.destinations import FolderDestination
 from dicommail.receiver.inbox import store_fetched
 from dicommail.receiver.pipeline import Pipeline
@@ -281,44 +281,7 @@ def test_nothing_received_yet(tmp_path: Path) -> None:
     assert site.received_sets() == [] and site.quarantine() == []
 
 
-# -- check ---------------------------------------------------------------------------------------------------
-
-
-def test_check_reports_every_problem_without_raising(short_tmp: Path) -> None:
-    closed = free_ports(1)[0]
-    (short_tmp / "dicommail.toml").write_text(
-        f'[smtp]\nhost = "127.0.0.1"\nport = {closed}\nsecurity = "none"\ntimeout = 5\n'
-        '[routes."CT"]\nrecipients = ["nobody@example.org"]\n',
-        encoding="utf-8",
-    )
-    results = dicommail.Site.open(short_tmp).check()
-    assert [(r.name, r.ok) for r in results] == [
-        ("config", True), ("own key", False), ("key of nobody@example.org", False), ("SMTP login", False),
-    ]
-    assert all(r.detail for r in results) and all(r.hint for r in results if not r.ok)
-    assert [r.id for r in results] == ["config", "own-key", "peer-key:nobody@example.org", "smtp"]
-    assert results[0].to_json() == {"id": "config", "check": "config", "ok": True, "detail": results[0].detail,
-                                    "hint": None}
-
-
-def test_check_when_the_checks_cannot_start(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (short_tmp / "dicommail.toml").touch()
-    site = dicommail.Site.open(short_tmp)
-    monkeypatch.setenv("PATH", str(short_tmp / "no-gpg-here"))  # the keyring cannot run gpg
-    [result] = site.check()
-    assert (result.name, result.ok) == ("config", False)
-    assert "cannot run gpg" in result.detail and "GnuPG" in result.hint
-
-
-def test_a_broken_config(short_tmp: Path) -> None:
-    (short_tmp / "dicommail.toml").write_text("[smtp\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        dicommail.Site.open(short_tmp)
-    # The CLI turns it into a failed "config" check, as before.
-    result = CliRunner().invoke(cli, ["--home", str(short_tmp), "check", "--json"])
-    assert result.exit_code == 1
-    [config] = json.loads(result.stdout)["checks"]
-    assert config["check"] == config["id"] == "config" and not config["ok"] and "not valid TOML" in config["detail"]
+# check: tests/api/test_check.py
 
 
 # -- echo ------------------------------------------------------------------------------------------------------

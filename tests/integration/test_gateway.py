@@ -306,11 +306,14 @@ def test_check_reports_every_problem(gateway: Gateway, tmp_path: Path) -> None:
     result = gateway.home.run("check", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
-    assert set(checks) == {"config", "own key", f"key of {PRACTICE}", "SMTP login", "IMAP login", "PACS C-ECHO"}
-    assert all(c["ok"] for c in checks.values())
+    assert set(checks) == {"config", "file modes", "own key", "test signature", f"key of {PRACTICE}", "SMTP login",
+                           "IMAP login", "PACS C-ECHO", "gateway", "acknowledgements"}
+    assert all(c["status"] == "ok" for c in checks.values()), checks
+    assert "in use by this home's gateway" in checks["gateway"]["detail"]
     # Scripts go by the stable ids, people by the names.
     assert [c["id"] for c in json.loads(result.stdout)["checks"]] == [
-        "config", "own-key", f"peer-key:{PRACTICE}", "smtp", "mailbox", "pacs"]
+        "config", "file-modes", "own-key", "signing", f"peer-key:{PRACTICE}", "smtp", "mailbox", "pacs", "gateway",
+        "acknowledgements"]
     # A route to a peer whose key we do not have, and a wrong mailbox password.
     config = gateway.home.path / "dicommail.toml"
     config.write_text(config.read_text() + '\n[routes."STRANGER"]\nrecipients = ["nobody@example.org"]\n')
@@ -318,9 +321,9 @@ def test_check_reports_every_problem(gateway: Gateway, tmp_path: Path) -> None:
     result = gateway.home.run("check", "--json")
     assert result.returncode == 1
     failed = {c["check"] for c in json.loads(result.stdout)["checks"] if not c["ok"]}
-    assert failed == {"key of nobody@example.org", "SMTP login", "IMAP login"}
+    assert failed == {"key of nobody@example.org", "SMTP login", "IMAP login", "gateway"}
     assert {c["id"] for c in json.loads(result.stdout)["checks"] if not c["ok"]} == {
-        "peer-key:nobody@example.org", "smtp", "mailbox"}
+        "peer-key:nobody@example.org", "smtp", "mailbox", "gateway"}
     table = gateway.home.run("check")
     assert table.returncode == 1 and "FAILED" in table.stdout
 

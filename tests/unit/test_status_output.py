@@ -17,10 +17,8 @@ import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
-from dicommail import checks
 from dicommail.cli import cli
 from dicommail.config import parse_config
-from dicommail.errors import DicommailError
 from dicommail.sender.tracking import Tracker
 from dicommail.store.db import Database
 from dicommail.wire import notifications as n
@@ -281,48 +279,7 @@ def test_status_ident_json_times_are_iso_with_offset(home: Path) -> None:
                                                                          for e in timeline)
 
 
-# -- check --json: stable machine ids ------------------------------------------------------------------------
-
-
-class _NoKeyring:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-
-    def close(self) -> None:
-        pass
-
-
-def test_check_results_have_stable_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = parse_config({
-        "routes": {"CT": {"recipients": ["b@peer.example", "a@peer.example"]}},
-        "mailbox": {"username": "hospital", "host": "imap.example", "protocol": "imap"},
-        "receiver": {"destination": "pacs"},
-    }, tmp_path)
-    monkeypatch.setattr(checks, "Keyring", _NoKeyring)
-    monkeypatch.setattr(checks, "_check_own_key", lambda *_: "fine")
-    monkeypatch.setattr(checks, "_check_recipient", lambda _k, address, _n: f"key of {address} fine")
-    monkeypatch.setattr(checks, "_check_smtp", lambda _c: "fine")
-
-    def no_imap(_config: object) -> str:
-        raise DicommailError("login refused", "check the password")
-
-    monkeypatch.setattr(checks, "_check_mailbox", no_imap)
-    monkeypatch.setattr(checks, "_check_pacs", lambda _c: "fine")
-    results = [r.to_json() for r in checks.run_checks(config)]
-    assert [(r["id"], r["check"]) for r in results] == [
-        ("config", "config"),
-        ("own-key", "own key"),
-        ("peer-key:a@peer.example", "key of a@peer.example"),
-        ("peer-key:b@peer.example", "key of b@peer.example"),
-        ("smtp", "SMTP login"),
-        ("mailbox", "IMAP login"),
-        ("pacs", "PACS C-ECHO"),
-    ]
-    failed = results[5]
-    assert (failed["ok"], failed["detail"], failed["hint"]) == (False, "login refused", "check the password")
-    assert results[0]["hint"] is None
-    # A result made without an id (the CLI's "config cannot be read") is named by its name.
-    assert checks.CheckResult("config", False, "bad").to_json()["id"] == "config"
+# check --json: stable machine ids in tests/api/test_check.py
 
 
 # -- a transfer the tracker saw through: acknowledgements, a resend, the receiver's final report -------------------
