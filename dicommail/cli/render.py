@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -48,14 +49,30 @@ def json_printed() -> bool:
     return _Output.json_documents > 0
 
 
-def _labelled(label: str, style: str, message: str) -> Text:
+def _on_journal_stream() -> bool:
+    """True when stderr is journald's stream itself (``JOURNAL_STREAM`` names it), as under a systemd unit."""
+    journal = os.environ.get("JOURNAL_STREAM", "")
+    if not journal:
+        return False
+    try:
+        device, _, inode = journal.partition(":")
+        status = os.fstat(sys.stderr.fileno())
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _labelled(label: str, style: str, message: str, priority: int) -> Text:
     # A Text part is printed as it is: "[receiver]" in a message stays "[receiver]".
-    return Text.assemble((label, style), " ", message)
+    # Under systemd a "<N>" prefix files the line at that syslog priority, so that
+    # `journalctl -p err` shows why a unit's command stopped.
+    prefix = f"<{priority}>" if _on_journal_stream() else ""
+    return Text.assemble(prefix, (label, style), " ", message)
 
 
 def warn(message: str) -> None:
     """``warning: MESSAGE`` on stderr, printed literally."""
-    err.print(_labelled("warning:", "yellow", message))
+    err.print(_labelled("warning:", "yellow", message, 4))
 
 
 def info(message: str) -> None:
@@ -65,9 +82,9 @@ def info(message: str) -> None:
 
 def print_error(message: str, hint: str = "", label: str = "error:") -> None:
     """``error: MESSAGE`` and ``hint: HINT`` on stderr, printed literally."""
-    err.print(_labelled(label, "bold red", message))
+    err.print(_labelled(label, "bold red", message, 3))
     if hint:
-        err.print(_labelled("hint:", "dim", hint))
+        err.print(_labelled("hint:", "dim", hint, 3))
 
 
 def error_document(error: DicommailError) -> dict[str, Any]:

@@ -198,3 +198,24 @@ def test_receive_with_a_wrong_password_prints_one_document(mail_servers: Any, pa
         assert any(line.startswith("<3>") for line in result.stderr.splitlines()), result.stderr
     finally:
         remove_home(home)
+
+
+def test_errors_on_journald_stream_carry_their_priority(tmp_path: Path) -> None:
+    """Under a unit, a command's error is filed at priority 3: `journalctl -p err` shows it."""
+    import os
+    import subprocess
+    import sys
+
+    stderr = tmp_path / "journal"
+    with stderr.open("w") as stream:
+        status = os.fstat(stream.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+        subprocess.run([sys.executable, "-m", "dicommail", "--home", str(tmp_path / "typo"), "status"],
+                       stderr=stream, stdout=subprocess.DEVNULL, env=env, check=False)
+    lines = stderr.read_text().splitlines()
+    assert lines and all(line.startswith("<3>") for line in lines), lines
+    assert lines[0].startswith("<3>error: ") and lines[1].startswith("<3>hint: ")
+    # Elsewhere (a terminal, cron mail) the lines stay as they were.
+    plain = subprocess.run([sys.executable, "-m", "dicommail", "--home", str(tmp_path / "typo"), "status"],
+                           capture_output=True, text=True, env={**os.environ, "JOURNAL_STREAM": ""}, check=False)
+    assert plain.stderr.startswith("error: ")
