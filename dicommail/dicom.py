@@ -6,16 +6,29 @@ stack, checks every declared length against the bytes that remain, limits
 sequence nesting and inflates deflated objects in chunks up to a limit.  Only
 the file meta information and the few identifying top-level elements it
 collects are then decoded by pydicom, from a small copy in memory.
+
+The scan also refuses native pixel data shorter than the image it
+declares (rows x columns x samples x frames x bits allocated): a file cut
+short by a full disk or an interrupted copy, whose lengths were fixed up,
+would otherwise be sent and stored as a broken image.  pydicom's warnings
+about odd values never reach the terminal: they are logged at DEBUG only,
+their quoted values left out (:func:`quiet_pydicom`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
+import re
+import stat
 import struct
+import threading
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +38,8 @@ from pydicom.multival import MultiValue
 
 from dicommail.errors import InputError, NotDicomError
 from dicommail.wire.headers import is_uid
+
+log = logging.getLogger("dicommail.dicom")
 
 #: Media Storage Directory (DICOMDIR): an index of a medium, not an image.
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -50,6 +65,12 @@ _WANTED = frozenset({0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E,
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+#: Top-level elements that say how long native pixel data must be.
+_SAMPLES, _PHOTOMETRIC, _FRAMES, _ROWS, _COLUMNS, _BITS = 0x00280002, 0x00280004, 0x00280008, 0x00280010, \
+    0x00280011, 0x00280100
+_IMAGE_TAGS = frozenset({_SAMPLES, _PHOTOMETRIC, _FRAMES, _ROWS, _COLUMNS, _BITS})
+#: Transfer syntaxes whose pixel data is native (not encapsulated); "" is a file without one.
+_NATIVE = frozenset({"", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
 _VR_LENGTH_32 = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _KNOWN_VR = _VR_LENGTH_32 | frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
 _INPUT_CHUNK = 64 * 1024
@@ -213,6 +234,17 @@ class _Frame:
 
 
 @dataclass
+class _Found:
+    """What the walk of a data set collects at its top level."""
+
+    elements: list[bytes] = field(default_factory=list)  # the wanted elements, as encoded in the file
+    image: dict[int, bytes] = field(default_factory=dict)  # values of the image size elements
+    pixel_length: int | None = None  # the declared length of native (defined-length) pixel data
+    encapsulated: bool = False  # pixel data of undefined length (fragments)
+    little: bool = True
+
+
+@dataclass
 class _Scan:
     meta: bytes
     syntax: str
@@ -282,9 +314,10 @@ def _overrun(stream: _Stream, nested: bool) -> Callable[[str], _Malformed]:
     return reason
 
 
-def _walk_dataset(stream: _Stream, little: bool, implicit: bool) -> list[bytes]:
-    """Walk every element and item of the data set; return the raw wanted top-level elements."""
-    wanted: list[bytes] = []
+def _walk_dataset(stream: _Stream, little: bool, implicit: bool) -> _Found:
+    """Walk every element and item of the data set; return what it found at the top level."""
+    found = _Found(little=little)
+    wanted = found.elements
     stack: list[_Frame] = []
     depth = 0
     count = 0
@@ -305,6 +338,8 @@ def _walk_dataset(stream: _Stream, little: bool, implicit: bool) -> list[bytes]:
             raise _Malformed(f"it has more than {MAX_ELEMENTS} elements")
         room = (limit - stream.pos) if limit is not None else stream.available()
         overrun = _overrun(stream, nested=frame is not None and frame.limit is not None)
+        if frame is not None and frame.fragments and len(stack) == 1:
+            overrun = _pixels_cut(stream)  # the pixel data's own fragments run out
         if room < 8:
             raise overrun("an element header")
         if frame is not None and frame.items:
@@ -344,13 +379,24 @@ def _walk_dataset(stream: _Stream, little: bool, implicit: bool) -> list[bytes]:
         if length == _UNDEFINED:
             if frame is None and tag in _WANTED:
                 raise _Malformed("an identifying element has an undefined length")
+            found.encapsulated |= frame is None and tag in _PIXEL_TAGS
             stack.append(_Frame(items=True, end=None, limit=limit, fragments=not sequence))
         elif length > room - len(head):
+            if frame is None and tag in _PIXEL_TAGS:
+                raise _pixels_cut(stream)("an element")
             raise overrun("an element")
         elif frame is None and tag in _WANTED:
             if length > MAX_VALUE:
                 raise _Malformed("an identifying element is oversized")
             wanted.append(head + stream.read(length))
+            continue
+        elif frame is None and tag in _IMAGE_TAGS and length <= MAX_VALUE:
+            found.image.setdefault(tag, stream.read(length))
+            continue
+        elif frame is None and tag in _PIXEL_TAGS and not sequence:
+            if found.pixel_length is None:
+                found.pixel_length = length
+            stream.skip(length)
             continue
         elif sequence:
             stack.append(_Frame(items=True, end=stream.pos + length, limit=stream.pos + length))
@@ -361,7 +407,68 @@ def _walk_dataset(stream: _Stream, little: bool, implicit: bool) -> list[bytes]:
             depth += 1
             if depth > MAX_SEQUENCE_DEPTH:
                 raise _Malformed(f"its sequences are nested deeper than {MAX_SEQUENCE_DEPTH} levels")
-    return wanted
+    return found
+
+
+def _pixels_cut(stream: _Stream) -> Callable[[str], _Malformed]:
+    """The reason for pixel data (or one of its fragments) that runs past the end: the file was cut short."""
+
+    def reason(_what: str) -> _Malformed:
+        if isinstance(stream, _InflatedStream):
+            return stream.overrun("its pixel data")
+        return _Malformed("its pixel data is longer than what remains of the file (the file is truncated)")
+
+    return reason
+
+
+def _unsigned(value: bytes, little: bool) -> int | None:
+    """The first value of a US element, or None if there is none."""
+    if len(value) < 2:
+        return None
+    return int(struct.unpack("<H" if little else ">H", value[:2])[0])
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace").split("\\", 1)[0].strip("\x00 ")
+
+
+def _check_pixel_length(found: _Found, syntax: str) -> None:
+    """Refuse native pixel data shorter than the image its header declares.
+
+    Only what is certain is refused: a value that is missing or odd (a
+    frame count that is no number, a subsampled colour model whose size we
+    do not compute) leaves the file to the PACS to judge.
+    """
+    if syntax not in _NATIVE or found.encapsulated:
+        return
+    rows, columns, bits = (_unsigned(found.image.get(tag, b""), found.little) for tag in (_ROWS, _COLUMNS, _BITS))
+    samples = _unsigned(found.image.get(_SAMPLES, b""), found.little) if _SAMPLES in found.image else 1
+    if not rows or not columns or not bits or not samples:
+        return
+    if found.pixel_length is None:
+        # Header written, pixels not: what an interrupted writer leaves behind.
+        raise _Malformed(f"it declares an image of {rows}x{columns} pixels but holds no pixel data "
+                         "(the file is truncated)")
+    frames = 1
+    if _FRAMES in found.image:
+        try:
+            frames = int(_text(found.image[_FRAMES]) or "1")
+        except ValueError:
+            return
+        if frames < 1:
+            return
+    photometric = _text(found.image.get(_PHOTOMETRIC, b""))
+    needed_bits = rows * columns * samples * frames * bits
+    if photometric.endswith("_422"):
+        needed_bits = needed_bits * 2 // 3  # two chroma samples shared by two pixels
+    elif photometric.endswith("_420"):
+        return
+    needed = (needed_bits + 7) // 8  # 1-bit images are packed across frames
+    if found.pixel_length < needed:
+        raise _Malformed(
+            f"its pixel data is shorter than its image size declares ({found.pixel_length} of {needed} bytes; "
+            "the file is truncated or damaged)"
+        )
 
 
 def _skip_command_set(stream: _FileStream) -> None:
@@ -382,11 +489,13 @@ def _scan(handle: BinaryIO, max_inflated: int) -> _Scan:
     stream = _FileStream(handle, 132, size)
     meta, syntax = _read_meta(stream)
     if syntax == DEFLATED:
-        inflated = _InflatedStream(handle, max_inflated)
-        return _Scan(meta, syntax, _walk_dataset(inflated, True, False))
-    _skip_command_set(stream)
-    little, implicit = _encoding(syntax, stream)
-    return _Scan(meta, syntax, _walk_dataset(stream, little, implicit))
+        found = _walk_dataset(_InflatedStream(handle, max_inflated), True, False)
+    else:
+        _skip_command_set(stream)
+        little, implicit = _encoding(syntax, stream)
+        found = _walk_dataset(stream, little, implicit)
+    _check_pixel_length(found, syntax)
+    return _Scan(meta, syntax, found.elements)
 
 
 def _summary(scan: _Scan) -> bytes:
@@ -398,7 +507,64 @@ def _summary(scan: _Scan) -> bytes:
     return bytes(128) + b"DICM" + scan.meta + body
 
 
+# --- pydicom's warnings ------------------------------------------------------------
+
+# warnings.catch_warnings changes process-wide state: the lock keeps our own
+# uses (from the gateway's and receiver's threads) from undoing each other.
+_quiet_lock = threading.RLock()
+_quiet_state = threading.local()
+# pydicom's warnings quote the values they complain about: a log line keeps the complaint only.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+class _WhileQuiet(logging.Filter):
+    """Drops pydicom's own log records (it logs each warning too) in a thread inside :func:`quiet_pydicom`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet_state, "depth", 0)
+
+
+logging.getLogger("pydicom").addFilter(_WhileQuiet())
+
+
+@contextlib.contextmanager
+def quiet_pydicom(label: str) -> Iterator[None]:
+    """Run pydicom with its warnings caught, so that none reaches the terminal or the log at WARNING.
+
+    pydicom warns about odd values (a UID with letters, an unknown character
+    set) and may quote them; each warning is logged at DEBUG instead, for
+    ``label`` (which may name a file, hence not higher), without the quoted
+    values.  Refusing a file is for the checks, not for these warnings.
+    """
+    with _quiet_lock, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_state.depth = getattr(_quiet_state, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _quiet_state.depth -= 1
+    for item in caught:
+        text = _QUOTED.sub("'...'", str(item.message)).split(" Please see ", 1)[0]
+        log.debug("%s: pydicom: %s: %s", label, item.category.__name__, text)
+
+
 # --- reading ------------------------------------------------------------------
+
+
+def _decoded(scan: _Scan) -> tuple[str, str, str, str, str, int]:
+    """The identifiers of a scanned object, decoded by pydicom from its summary."""
+    dataset = pydicom.dcmread(io.BytesIO(_summary(scan)), stop_before_pixels=True, specific_tags=_TAGS)
+    meta = dataset.file_meta
+    sop_instance = str(dataset.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", ""))
+    sop_class = str(dataset.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
+    study = str(dataset.get("StudyInstanceUID", ""))
+    series = str(dataset.get("SeriesInstanceUID", ""))
+    syntax = str(meta.get("TransferSyntaxUID", ""))
+    try:
+        number = instance_number(dataset.get("InstanceNumber", None))
+    except (ValueError, TypeError):  # a value pydicom cannot even convert: it only orders files
+        number = 0
+    return study, series, sop_instance, sop_class, syntax, number
 
 
 def _identifiers(source: Path | BinaryIO, label: str, max_inflated: int) -> tuple[str, str, str, str, str, int]:
@@ -418,19 +584,11 @@ def _identifiers(source: Path | BinaryIO, label: str, max_inflated: int) -> tupl
     except OSError as exc:
         raise NotDicomError(f"{label} is not a readable DICOM file ({type(exc).__name__})") from exc
     try:
-        dataset = pydicom.dcmread(io.BytesIO(_summary(scan)), stop_before_pixels=True, specific_tags=_TAGS)
-        meta = dataset.file_meta
-        sop_instance = str(dataset.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", ""))
-        sop_class = str(dataset.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
-        study = str(dataset.get("StudyInstanceUID", ""))
-        series = str(dataset.get("SeriesInstanceUID", ""))
-        syntax = str(meta.get("TransferSyntaxUID", ""))
-        try:
-            number = instance_number(dataset.get("InstanceNumber", None))
-        except (ValueError, TypeError):  # a value pydicom cannot even convert: it only orders files
-            number = 0
+        with quiet_pydicom(label):
+            identifiers = _decoded(scan)
     except Exception as exc:  # pydicom raises many kinds; its messages may quote the content
         raise NotDicomError(f"{label} is not a readable DICOM file ({type(exc).__name__})") from None
+    study, series, sop_instance, sop_class, syntax, number = identifiers
     if sop_class == DICOMDIR_CLASS:
         raise NotDicomError(f"{label} is a DICOMDIR index, not an image", "it is skipped; the images it lists are sent")
     for name, uid in (("SOP Instance UID", sop_instance), ("Study Instance UID", study)):
@@ -497,12 +655,23 @@ def _walk(paths: Iterable[Path]) -> Iterator[Path]:
             raise InputError(f"{path} does not exist")
 
 
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def scan(paths: Iterable[Path]) -> ScanResult:
     """Find the DICOM files among ``paths`` (files or folder trees); list the rest as skipped."""
     files: list[DicomFile] = []
     skipped: list[tuple[Path, str]] = []
     seen: set[str] = set()
     for path in _walk(paths):
+        if not _regular(path):
+            # A FIFO or device would block or never end; a dangling link has nothing to read.
+            skipped.append((path, f"{path} is not a regular file"))
+            continue
         try:
             info = read_dicom_info(path)
         except NotDicomError as exc:

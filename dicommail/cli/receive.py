@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import click
 
 from dicommail.cli.logs import log_options
 from dicommail.cli.main import AppContext, pass_app
+from dicommail.cli.packing import ProgressBars
 from dicommail.cli.render import handle_errors, out, print_json
 
 
@@ -19,9 +21,16 @@ from dicommail.cli.render import handle_errors, out, print_json
 @pass_app
 @handle_errors
 def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) -> None:
-    """Poll the mailbox, verify incoming sets and forward complete studies to the PACS."""
+    """Poll the mailbox, verify incoming sets and forward complete studies to the PACS.
+
+    On a terminal, a bar shows each set's instances as they go to the PACS
+    (not with --json or -q).
+    """
     site = app.site
-    report = asyncio.run(site.receive(once=once, interval=interval, handle_signals=True))
+    # -q (or --log-level warning) asks for problems only: no bars either.
+    quiet = as_json or logging.getLogger("dicommail").getEffectiveLevel() > logging.INFO
+    with ProgressBars(quiet) as bars:
+        report = asyncio.run(site.receive(once=once, interval=interval, handle_signals=True, progress=bars))
     if report is None:
         return
     if as_json:

@@ -6,11 +6,23 @@ from datetime import datetime
 from pathlib import Path
 
 import click
+from rich.table import Table
+from rich.text import Text
 
 from dicommail import TransferResult
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.packing import ProgressBars, packing_options, warn_skipped
-from dicommail.cli.render import EXIT_FAILURE, echo_escape, handle_errors, info, out, print_error, print_json, warn
+from dicommail.cli.packing import ProgressBars, ScanTally, packing_options
+from dicommail.cli.render import (
+    EXIT_FAILURE,
+    error_document,
+    handle_errors,
+    info,
+    os_error,
+    out,
+    print_error,
+    print_json,
+    warn,
+)
 from dicommail.errors import DicommailError
 
 #: sysexits.h EX_TEMPFAIL: the study is queued and will be retried; cron and scripts know this code.
@@ -38,23 +50,27 @@ def send(
     note: str,
     attachments: tuple[Path, ...],
     emergency: bool,
+    strict: bool,
     pending: bool,
     as_json: bool,
 ) -> None:
     """Send DICOM files or folders as DICOM-Mail sets over SMTP (one set per study).
 
     Each set is packed into the outbox, queued and then sent mail by mail.
+    Files that are not DICOM, or are truncated or damaged, are skipped with a
+    warning; --strict refuses the whole job instead (nothing is sent).
     Exit status: 0 all sent; 75 some mails wait for a retry (run
     `dicommail send --pending`, e.g. from cron); 1 a failure that needs you.
     """
     if pending:
-        if paths or recipient or note or attachments or emergency or max_mail_size:
+        if paths or recipient or note or attachments or emergency or max_mail_size or strict:
             raise click.UsageError("--pending takes no PATHS and no packing options")
     elif not paths:
         raise click.UsageError("give DICOM files or folders to send, or --pending to retry the outbox")
     elif not recipient:
         raise click.UsageError("--to is required when sending PATHS")
     site = app.site
+    tally = ScanTally(strict)
     try:
         with ProgressBars(as_json) as bars:
 
@@ -75,10 +91,17 @@ def send(
                     max_mail_size=max_mail_size,
                     progress=bars,
                     on_wait=waiting,
-                    on_skip=warn_skipped,
+                    on_skip=tally.skip,
+                    strict=strict,
+                    on_found=tally.found,
                 )
-    except DicommailError as exc:
-        queued = exc.queued_transfers
+    except (DicommailError, OSError) as exc:
+        error = exc if isinstance(exc, DicommailError) else os_error(exc)
+        queued = error.queued_transfers
+        if as_json:
+            # Packed only if the sets were queued before the error.
+            counts = _counts(tally, pending, packed=bool(queued))
+            print_json({"ok": False, "error": error_document(error), **counts})
         if queued:
             info(
                 f"{len(queued)} set(s) stay queued in the outbox; once this is fixed, "
@@ -86,9 +109,10 @@ def send(
             )
         raise
     if as_json:
-        print_json({"ok": all(r.done for r in results), "sets": [r.to_json() for r in results]})
+        print_json({"ok": all(r.done for r in results), **_counts(tally, pending),
+                    "sets": [r.to_json() for r in results]})
     else:
-        _print_results(results)
+        _print_results(results, None if pending else tally)
     if any(r.status == "failed" for r in results):
         raise SystemExit(EXIT_FAILURE)
     if any(r.waiting for r in results):
@@ -101,13 +125,34 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _print_results(results: list[TransferResult]) -> None:
+def _counts(tally: ScanTally, pending: bool, packed: bool = True) -> dict[str, object]:
+    """The scan's counts for the JSON document; null with --pending, which packs nothing."""
+    if pending:
+        return {"packed": None, "bytes": None, "skipped": None, "skipped_files": None}
+    return tally.to_json(packed)
+
+
+def _print_results(results: list[TransferResult], tally: ScanTally | None) -> None:
     if not results:
         info("nothing to send")
         return
+    # No borders: a set ID (up to 44 characters) stays whole in 80 columns.  One recipient (the
+    # usual case) goes into the line below; several get a column of their own, folded if need be.
+    recipients = sorted({r.recipient for r in results})
+    table = Table(box=None, pad_edge=False)
+    table.add_column("set", no_wrap=True)
+    table.add_column("mails sent", justify="right")
+    table.add_column("status")
+    if len(recipients) > 1:
+        table.add_column("to", overflow="fold")
+    styles = {"sent": "green", "failed": "red", "queued": "yellow"}
     for r in results:
-        status = {"sent": "[green]sent[/green]", "failed": "[red]failed[/red]"}.get(r.status, "[yellow]queued[/yellow]")
-        out.print(f"{r.set_id}  {r.mails_sent}/{r.mails} mail(s) sent to {echo_escape(r.recipient)}  {status}")
+        status = r.status if r.status in ("sent", "failed") else "queued"
+        cells: list[str | Text] = [r.set_id, f"{r.mails_sent}/{r.mails}", f"[{styles[status]}]{status}[/]"]
+        table.add_row(*cells, *([Text(r.recipient)] if len(recipients) > 1 else []))
+    out.print(table)
+    to = f"to {recipients[0]}" if len(recipients) == 1 else f"to {len(recipients)} recipients"
+    out.print(f"{tally.summary()}; {to}" if tally is not None else to, markup=False)
     waiting = [r for r in results if r.waiting]
     for r in results:
         if r.status == "failed":

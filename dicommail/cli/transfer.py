@@ -7,12 +7,23 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from dicommail import UnpackReport
+from dicommail import PackedSet, UnpackReport
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.packing import ProgressBars, packing_options, warn_skipped
-from dicommail.cli.render import EXIT_FAILURE, echo_escape, handle_errors, info, out, print_error, print_json, warn
+from dicommail.cli.packing import MailBytes, ProgressBars, ScanTally, file_sizes, packing_options
+from dicommail.cli.render import (
+    EXIT_FAILURE,
+    echo_escape,
+    error_document,
+    handle_errors,
+    info,
+    os_error,
+    out,
+    print_error,
+    print_json,
+    warn,
+)
 from dicommail.config import format_size
-from dicommail.errors import InputError
+from dicommail.errors import DicommailError, InputError
 
 
 @click.command()
@@ -39,34 +50,58 @@ def pack(
     note: str,
     attachments: tuple[Path, ...],
     emergency: bool,
+    strict: bool,
     out_dir: Path,
     as_json: bool,
 ) -> None:
-    """Pack DICOM files or folders into signed, encrypted DICOM-Mail sets (one set per study)."""
+    """Pack DICOM files or folders into signed, encrypted DICOM-Mail sets (one set per study).
+
+    Files that are not DICOM, or are truncated or damaged, are skipped with a
+    warning naming each; --strict refuses the whole job instead (nothing is
+    packed).  The last line counts what was packed and skipped.
+    """
     site = app.site
-    with ProgressBars(as_json) as bars:
-        sets = site.pack(
-            list(paths),
-            recipient,
-            out_dir,
-            sender=sender,
-            note=note,
-            attachments=attachments,
-            emergency=emergency,
-            max_mail_size=max_mail_size,
-            progress=bars,
-            on_skip=warn_skipped,
-        )
+    tally = ScanTally(strict)
+    try:
+        with ProgressBars(as_json) as bars:
+            sets = site.pack(
+                list(paths),
+                recipient,
+                out_dir,
+                sender=sender,
+                note=note,
+                attachments=attachments,
+                emergency=emergency,
+                max_mail_size=max_mail_size,
+                progress=bars,
+                on_skip=tally.skip,
+                strict=strict,
+                on_found=tally.found,
+            )
+    except (DicommailError, OSError) as exc:
+        if as_json:
+            error = exc if isinstance(exc, DicommailError) else os_error(exc)
+            print_json({"ok": False, "error": error_document(error), **tally.to_json(packed=False)})
+        raise
     if as_json:
-        print_json({"ok": True, "sets": [s.to_json() for s in sets]})
+        print_json({"ok": True, **tally.to_json(), "sets": [s.to_json() for s in sets]})
         return
+    _print_sets(sets)
+    out.print(f"{tally.summary()}; mails in {out_dir}", markup=False)
+
+
+def _print_sets(sets: list[PackedSet]) -> None:
+    # No borders and no fragment column: a set ID (up to 44 characters) stays whole in 80 columns.
+    table = Table(box=None, pad_edge=False)
+    table.add_column("set", no_wrap=True)
+    for name in ("files", "size", "mails"):
+        table.add_column(name, justify="right")
     for packed in sets:
-        fragments = sum(1 for m in packed.mails if m.fragment)
-        extra = f", {fragments} as message/partial fragments" if fragments else ""
-        out.print(
-            f"{packed.set_id}  {packed.file_count} files, {format_size(packed.byte_count)} "
-            f"in {packed.set_total} mail(s){extra} -> {echo_escape(str(out_dir))}"
-        )
+        table.add_row(packed.set_id, str(packed.file_count), format_size(packed.byte_count), str(len(packed.mails)))
+    out.print(table)
+    fragments = sum(1 for packed in sets for m in packed.mails if m.fragment)
+    if fragments:
+        info(f"{fragments} of the mails are message/partial fragments of files larger than the mail size")
 
 
 @click.command()
@@ -84,7 +119,9 @@ def pack(
 @handle_errors
 def unpack(app: AppContext, mails: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
     """Decrypt, verify and reassemble DICOM-Mail files (any order, duplicates allowed)."""
-    report = app.site.unpack(list(mails), out_dir)
+    paths = list(mails)
+    with ProgressBars(as_json) as bars:
+        report = app.site.unpack(paths, out_dir, progress=MailBytes(bars, file_sizes(paths)))
     if as_json:
         print_json(report.to_json())
     else:

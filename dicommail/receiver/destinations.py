@@ -46,6 +46,9 @@ from dicommail.wire.unpack import ReceivedFile, VerifiedSet, write_set
 
 log = logging.getLogger("dicommail.receiver")
 
+#: Told ``(stored, total)`` as a delivery goes: instances stored so far of those it has to send.
+ForwardProgress = Callable[[int, int], None]
+
 #: pynetdicom refuses to propose more presentation contexts than this in one
 #: association (the PS3.8 context ID is an odd byte: 1..255).
 MAX_CONTEXTS = 128
@@ -243,11 +246,16 @@ class _Instance:
 
 
 class PacsDestination:
-    """C-STORE to the configured PACS, every file as stored."""
+    """C-STORE to the configured PACS, every file as stored.
 
-    def __init__(self, config: PacsConfig) -> None:
+    ``progress`` is told ``(stored, total)`` at the start of each delivery
+    (0) and after each instance the PACS accepted.
+    """
+
+    def __init__(self, config: PacsConfig, progress: ForwardProgress | None = None) -> None:
         self.config = config
         self.peer = _Peer(config)
+        self.progress = progress
 
     def deliver(self, verified: VerifiedSet, done: set[str], on_stored: Callable[[str], None],
                 on_sending: Callable[[str], None] | None = None) -> None:
@@ -263,9 +271,19 @@ class PacsDestination:
             return
         log.info("set %s: sending %d instance(s) to %s (%d sent before)", verified.set_id, len(pending),
                  self.peer.label, len({f.dicom.sop_instance_uid for f in verified.dicom_files if f.dicom} & done))
+        report = self.progress or _no_progress
+        count = 0
+        report(count, len(pending))
+
+        def stored(uid: str) -> None:
+            nonlocal count
+            on_stored(uid)
+            count += 1
+            report(count, len(pending))
+
         with _send_as_stored():
             for batch in _batches(pending):
-                self._send_batch(verified.set_id, batch, on_stored, sending)
+                self._send_batch(verified.set_id, batch, stored, sending)
 
     def _send_batch(self, set_id: str, batch: list[_Instance], on_stored: Callable[[str], None],
                     on_sending: Callable[[str], None]) -> None:
@@ -414,6 +432,10 @@ class PacsDestination:
 
 
 def _nothing(_uid: str) -> None:
+    pass
+
+
+def _no_progress(_stored: int, _total: int) -> None:
     pass
 
 
@@ -574,8 +596,8 @@ class FolderDestination:
 # -- from the config -------------------------------------------------------------
 
 
-def make_destination(config: Config) -> Destination:
-    """The destination ``receiver.destination`` names."""
+def make_destination(config: Config, progress: ForwardProgress | None = None) -> Destination:
+    """The destination ``receiver.destination`` names; ``progress`` as for :class:`PacsDestination`."""
     if config.receiver.destination == "folder":
         if not config.receiver.folder:
             raise ConfigError(
@@ -583,7 +605,7 @@ def make_destination(config: Config) -> Destination:
                 "set receiver.folder to the directory that receives the studies",
             )
         return FolderDestination(config.resolve(config.receiver.folder))
-    return PacsDestination(config.pacs)
+    return PacsDestination(config.pacs, progress)
 
 
 __all__ = ["MAX_CONTEXTS", "FolderDestination", "PacsDestination", "echo", "make_destination"]

@@ -7,13 +7,14 @@ import functools
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicommail.config import is_mail_address
 from dicommail.constancy.values import ConstancyMark
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import DicomFile, scan
+from dicommail.dicom import DicomFile, quiet_pydicom, scan
 from dicommail.errors import ConfigError, DicommailError, InputError
 from dicommail.sender.outbox import (
     TransferResult,
@@ -40,8 +41,15 @@ log = logging.getLogger("dicommail.site")
 #: (not DICOM, or an instance already found); ``reason`` is a sentence that names the file.
 SkipCallback = Callable[[Path, str], None]
 
+#: Called once the paths are scanned, before anything is packed, with the number of DICOM files
+#: that will be packed and their size in bytes.
+FoundCallback = Callable[[int, int], None]
+
 #: Studies found under the given paths: study UID -> its DICOM files, in sending order.
 _Studies = dict[str, list[DicomFile]]
+
+#: Skipped files named in a --strict refusal; the rest are counted (on_skip names them all).
+_NAMED = 3
 
 
 class Sending(SiteBase):
@@ -60,10 +68,15 @@ class Sending(SiteBase):
         max_mail_size: int | None = None,
         progress: ProgressCallback | None = None,
         on_skip: SkipCallback | None = None,
+        strict: bool = False,
+        on_found: FoundCallback | None = None,
     ) -> list[PackedSet]:
         """Pack the DICOM files under ``paths`` (one set per study) for ``to`` into ``out_dir``; send nothing.
 
-        ``paths`` are files or folders; files that are not DICOM are skipped (see ``on_skip``).
+        ``paths`` are files or folders; files that are not DICOM, or are damaged (truncated
+        pixel data, say), are skipped (see ``on_skip``); with ``strict`` any such file is an
+        :class:`~dicommail.errors.InputError` instead, raised before anything is packed.
+        ``on_found(files, bytes)`` is told what will be packed once the scan is done.
         ``sender`` overrides identity.address as the From address, ``max_mail_size``
         the configured largest mail; ``note`` (text) and ``attachments`` (files) travel
         encrypted in part 1 of every set.  ``progress`` gets "packing" updates in bytes
@@ -75,7 +88,8 @@ class Sending(SiteBase):
         """
         with self._keyring() as keyring:
             options, studies = self._prepare(
-                keyring, paths, to, sender, note, attachments, emergency, max_mail_size, on_skip, "pack"
+                keyring, paths, to, sender, note, attachments, emergency, max_mail_size,
+                _Scanning("pack", on_skip, strict, on_found),
             )
             sets: list[PackedSet] = []
             _pack_studies(keyring, options, studies, out_dir, sets, progress)
@@ -119,13 +133,15 @@ class Sending(SiteBase):
         on_wait: Callable[[], None] | None = None,
         on_skip: SkipCallback | None = None,
         constancy: ConstancyMark | None = None,
+        strict: bool = False,
+        on_found: FoundCallback | None = None,
     ) -> list[TransferResult]:
         """Pack, queue and submit over SMTP; returns each transfer with its state (sent, queued, failed).
 
-        Packs like :meth:`pack` (same arguments), into the outbox; each set is queued
-        with what it holds (for ``transfers()``), then its mails go out in order.  A
-        temporary SMTP failure leaves a transfer queued (``result.waiting``) for
-        :meth:`send_pending`; a permanent one fails it (``status == "failed"``).
+        Packs like :meth:`pack` (same arguments, ``strict`` and ``on_found`` included), into the
+        outbox; each set is queued with what it holds (for ``transfers()``), then its mails go
+        out in order.  A temporary SMTP failure leaves a transfer queued (``result.waiting``)
+        for :meth:`send_pending`; a permanent one fails it (``status == "failed"``).
         ``progress`` gets "packing", then "sending" updates, both in bytes; ``on_wait``
         is called before waiting for another process that is sending from this home.
         ``constancy`` marks the sets as a constancy check's test transfer (see
@@ -144,8 +160,8 @@ class Sending(SiteBase):
         client = SmtpClient.from_config(config)
         with self._keyring() as keyring:
             options, studies = self._prepare(
-                keyring, paths, to, sender, note, attachments, emergency, max_mail_size, on_skip, "send",
-                constancy,
+                keyring, paths, to, sender, note, attachments, emergency, max_mail_size,
+                _Scanning("send", on_skip, strict, on_found), constancy,
             )
             sets: list[PackedSet] = []
             try:
@@ -208,8 +224,7 @@ class Sending(SiteBase):
         attachments: Sequence[Path],
         emergency: bool,
         max_mail_size: int | None,
-        on_skip: SkipCallback | None,
-        command: str,
+        scanning: _Scanning,
         constancy: ConstancyMark | None = None,
     ) -> tuple[PackOptions, _Studies]:
         """Check the addresses and this site's key, find the studies: all that may fail before packing."""
@@ -218,7 +233,7 @@ class Sending(SiteBase):
         config = self.config
         me = own_key(keyring, config.identity.key)
         sender = sender_address(config, me, sender)
-        studies = _find_studies(paths, command, on_skip)
+        studies = _find_studies(paths, scanning)
         options = pack_options(
             config,
             me,
@@ -263,16 +278,42 @@ class Sending(SiteBase):
         return [with_mails(db, r) for r in results]
 
 
-def _find_studies(paths: Sequence[Path], command: str, on_skip: SkipCallback | None) -> _Studies:
-    """The DICOM files under ``paths`` by study; what is skipped is reported, and none at all is an error."""
+@dataclass(frozen=True)
+class _Scanning:
+    """How :meth:`Sending.pack` and :meth:`Sending.send` treat the scan of their paths."""
+
+    command: str  # "pack" or "send", for the messages
+    on_skip: SkipCallback | None
+    strict: bool
+    on_found: FoundCallback | None
+
+
+def _find_studies(paths: Sequence[Path], scanning: _Scanning) -> _Studies:
+    """The DICOM files under ``paths`` by study; what is skipped is reported, and none at all is an error.
+
+    All of it before anything is packed: with ``strict``, one skipped file
+    refuses the whole job, so nothing of it goes out half.
+    """
     result = scan(paths)
     for path, reason in result.skipped:
         log.debug("skipped: %s", reason)  # names a file, so not at the default level
-        if on_skip is not None:
-            on_skip(path, reason)
+        if scanning.on_skip is not None:
+            scanning.on_skip(path, reason)
+    verb = "packed" if scanning.command == "pack" else "sent"
+    if scanning.strict and result.skipped:
+        names = ", ".join(str(path) for path, _reason in result.skipped[:_NAMED])
+        more = len(result.skipped) - _NAMED
+        raise InputError(
+            f"--strict was given and {len(result.skipped)} file(s) cannot be {verb}: {names}"
+            + (f" and {more} more" if more > 0 else "") + f"; nothing was {verb}",
+            "repair or re-export those files, or move them out of the given paths",
+        )
     studies = result.studies()
     if not studies:
-        raise InputError("no DICOM files found in the given paths", f"point {command} at DICOM files or folders")
+        raise InputError("no DICOM files found in the given paths",
+                         f"point {scanning.command} at DICOM files or folders")
+    if scanning.on_found is not None:
+        scanning.on_found(len(result.files), sum(f.size for f in result.files))
     return studies
 
 
@@ -295,4 +336,6 @@ def _pack_studies(
 
 
 def _remember(files: list[DicomFile], conn: sqlite3.Connection, transfer_id: int) -> None:
-    record_study_details(conn, transfer_id, files)
+    # It reads the patient's name with pydicom: odd values must not warn on the terminal.
+    with quiet_pydicom(f"transfer {transfer_id}"):
+        record_study_details(conn, transfer_id, files)

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, overload
 from dicommail.errors import InputError
 from dicommail.receiver.daemon import CycleReport, Receiver, crash_hook_from_env, receiver_lock
 from dicommail.receiver.spool import Spool
-from dicommail.site.base import SiteBase
+from dicommail.site.base import ProgressCallback, ProgressUpdate, SiteBase
 
 __all__ = ["CycleReport", "Services"]
 
@@ -49,24 +49,24 @@ class Services(SiteBase):
     @overload
     async def receive(
         self, *, once: Literal[True], interval: int | None = None, stop: asyncio.Event | None = None,
-        handle_signals: bool = False,
+        handle_signals: bool = False, progress: ProgressCallback | None = None,
     ) -> CycleReport: ...
 
     @overload
     async def receive(
         self, *, once: Literal[False] = False, interval: int | None = None, stop: asyncio.Event | None = None,
-        handle_signals: bool = False,
+        handle_signals: bool = False, progress: ProgressCallback | None = None,
     ) -> None: ...
 
     @overload
     async def receive(
         self, *, once: bool, interval: int | None = None, stop: asyncio.Event | None = None,
-        handle_signals: bool = False,
+        handle_signals: bool = False, progress: ProgressCallback | None = None,
     ) -> CycleReport | None: ...
 
     async def receive(
         self, *, once: bool = False, interval: int | None = None, stop: asyncio.Event | None = None,
-        handle_signals: bool = False,
+        handle_signals: bool = False, progress: ProgressCallback | None = None,
     ) -> CycleReport | None:
         """Fetch mail, verify sets, forward complete studies to the PACS; acknowledge and resend as due.
 
@@ -77,6 +77,8 @@ class Services(SiteBase):
         backing off while the mail server fails, until ``stop`` is set, and
         returns None.  ``handle_signals`` makes SIGTERM and SIGINT set the stop
         (main thread only; the handlers are removed again on return).
+        ``progress`` gets "forwarding" updates counted in instances, one task
+        per set sent to the PACS (from the receiver's worker thread).
 
         Raises :class:`~dicommail.errors.ReceiverLockedError` if another
         receiver runs for this home, :class:`~dicommail.errors.ConfigError`
@@ -96,7 +98,8 @@ class Services(SiteBase):
         with receiver_lock(config.home), self._database() as db, self._keyring() as keyring:
             retriever = make_retriever(config, db, Spool(config.spool))
             try:
-                receiver = Receiver(config, retriever, make_destination(config), db, keyring,
+                destination = make_destination(config, _forwarding(progress))
+                receiver = Receiver(config, retriever, destination, db, keyring,
                                     crash_hook_from_env(), stop=stop)
                 with _signals(receiver.install_signal_handlers if handle_signals else None):
                     if once:
@@ -127,6 +130,18 @@ class Services(SiteBase):
             service = Gateway(self.config, db, keyring, crash_hook=crash_hook_from_env(), stop=stop)
             with _signals(service.install_signal_handlers if handle_signals else None):
                 await _stop_on_cancel(service.run(), stop)
+
+
+def _forwarding(progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
+    """The destination's ``(stored, total)`` reports as "forwarding" updates."""
+    if progress is None:
+        return None
+    callback = progress
+
+    def report(stored: int, total: int) -> None:
+        callback(ProgressUpdate("forwarding", stored, total, "instances"))
+
+    return report
 
 
 @contextlib.contextmanager
