@@ -1,9 +1,10 @@
 """Streaming MIME: write parts to a file and walk a multipart file part by part.
 
 Mails of a study can be hundreds of megabytes; Python's ``email`` package
-holds a whole message in memory several times over.  These helpers keep
-memory bounded by one line (writing) or one header block (reading), so
-memory stays bounded by the chunk size, not by the study or even the mail.
+holds a whole message in memory several times over.  These helpers work
+in blocks of about a megabyte (base64 is encoded and decoded a block at a
+time, delimiters found with ``bytes.find``), so memory stays bounded by the
+block size, not by the study or even the mail.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import email.parser
 import email.policy
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from email.message import Message
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -39,7 +40,13 @@ MAX_DEPTH = 16
 #: Most parts (leaves and multiparts) in one entity walked: each leaf may become a file.
 MAX_PARTS = 10_000
 #: Longest line we look at as a unit; longer "lines" are read in pieces.
+#: Bodies are also scanned and decoded in blocks of this size.
 MAX_LINE = 1024 * 1024
+#: Bytes read from the file at a time while scanning a body.
+READ_BLOCK = 1024 * 1024
+#: Bytes read at a time while reading header lines (a header block is a few hundred bytes).
+HEADER_READ = 64 * 1024
+_LF = ord("\n")
 _CRLF_ARRAY = np.frombuffer(b"\r\n", dtype=np.uint8)
 _UNSAFE_PARAM = re.compile(r'[\x00-\x1f\x7f"\\]')
 
@@ -134,20 +141,106 @@ class PartHandler(Protocol):
 
 
 class LineReader:
-    """Lines from a binary file, with one line of push-back."""
+    """Lines and large blocks from a binary file, with one line of push-back.
+
+    A line is what ``readline(MAX_LINE)`` returns: up to and including its
+    LF, and a longer line comes in pieces of :data:`MAX_LINE` bytes.  Bodies
+    are scanned a block at a time (:meth:`scan`) but delimiters are still
+    recognised only where such a line starts, so the result is the same as
+    reading the file line by line, and memory stays bounded by two blocks.
+    """
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
-        self._pushed: bytes | None = None
+        self._buffer = b""
+        self._pos = 0
+        self._eof = False
+
+    def _fill(self, wanted: int, step: int) -> None:
+        """Buffer at least ``wanted`` bytes after the position, unless the file ends first."""
+        if self._eof or len(self._buffer) - self._pos >= wanted:
+            return
+        pieces = [self._buffer[self._pos :]]
+        have = len(pieces[0])
+        while have < wanted:
+            data = self._stream.read(max(step, wanted - have))
+            if not data:
+                self._eof = True
+                break
+            pieces.append(data)
+            have += len(data)
+        self._buffer = b"".join(pieces)
+        self._pos = 0
 
     def readline(self) -> bytes:
-        if self._pushed is not None:
-            line, self._pushed = self._pushed, None
-            return line
-        return self._stream.readline(MAX_LINE)
+        while True:
+            start = self._pos
+            end = self._buffer.find(b"\n", start, start + MAX_LINE)
+            if end >= 0:
+                end += 1
+                break
+            if self._eof or len(self._buffer) - start >= MAX_LINE:
+                end = min(len(self._buffer), start + MAX_LINE)
+                break
+            # Header blocks are small: read them in small steps, not a whole block.
+            self._fill(len(self._buffer) - start + 1, HEADER_READ)
+        self._pos = end
+        return self._buffer[start:end]
 
     def push_back(self, line: bytes) -> None:
-        self._pushed = line
+        self._buffer = line + self._buffer[self._pos :]
+        self._pos = 0
+
+    def scan(self, boundaries: tuple[bytes, ...], take: Callable[[bytes], None] | None) -> bytes | None:
+        """Consume up to and including the next delimiter line of ``boundaries``; return it (``None`` at EOF).
+
+        The bytes before it go to ``take`` in blocks of at most :data:`MAX_LINE`
+        bytes, each ending where a line ends (or where a line too long to be
+        one is cut), as consecutive calls to :meth:`readline` would have split them.
+        """
+        while True:
+            self._fill(MAX_LINE, READ_BLOCK)
+            buffer, start = self._buffer, self._pos
+            if start >= len(buffer):
+                return None
+            limit = min(len(buffer), start + MAX_LINE)
+            if boundaries:
+                # Searched from the start, not from the block's end: a small part costs its size.
+                for candidate in _dashed_lines(buffer, start, limit):
+                    line_end = buffer.find(b"\n", candidate, limit) + 1
+                    if not line_end:
+                        if candidate > start:
+                            break  # a line that goes on past the block: the next block starts with it
+                        line_end = limit  # a line cut into pieces, or the last one of the file
+                    line = buffer[candidate:line_end]
+                    if _matches(line, boundaries) is not None:
+                        if take is not None and candidate > start:
+                            take(buffer[start:candidate])
+                        self._pos = line_end
+                        return line
+            end = buffer.rfind(b"\n", start, limit) + 1 or limit
+            if take is not None:
+                take(buffer[start:end])
+            self._pos = end
+
+
+def _dashed_lines(buffer: bytes, start: int, end: int) -> Iterator[int]:
+    """Starts of the lines in ``buffer[start:end]`` (``start`` starts one) that begin with "--".
+
+    A search for "-" (memchr-fast; base64 has none) finds the next line that
+    may be one; a line with a "-" elsewhere is skipped whole, so the cost is
+    one step per line holding a "-", whatever the boundaries or the nesting.
+    """
+    position = start
+    while True:
+        dash = buffer.find(b"-", position, end)
+        if dash < 0:
+            return
+        if (dash == position or buffer[dash - 1] == _LF) and buffer.startswith(b"--", dash):
+            yield dash
+        position = buffer.find(b"\n", dash, end) + 1
+        if position == 0:
+            return
 
 
 def read_headers(reader: LineReader) -> Message:
@@ -260,47 +353,50 @@ class _Multipart:
 
 def _skip_preamble(reader: LineReader, frame: _Multipart) -> bytes:
     """Skip to the first delimiter of ``frame`` (returned) or of an enclosing multipart."""
-    while True:
-        line = reader.readline()
-        if not line:
-            raise WireFormatError("multipart body ends before its first part")
-        if _matches(line, frame.inner) is not None:
-            return line
+    line = reader.scan(frame.inner, None)
+    if line is None:
+        raise WireFormatError("multipart body ends before its first part")
+    return line
 
 
 def _skip_epilogue(reader: LineReader, outer: tuple[bytes, ...]) -> bytes | None:
-    while True:
-        line = reader.readline()
-        if not line or _matches(line, outer):
-            return line or None
+    return reader.scan(outer, None)
 
 
 def _walk_leaf(reader: LineReader, headers: Message, handler: PartHandler, outer: tuple[bytes, ...]) -> bytes | None:
     sink = handler.open_leaf(headers)
     decoder = _decoder_for(headers, sink)
     pending_eol = b""
+
+    def take(block: bytes) -> None:
+        # A block ends where a line ends; its line break is held back because
+        # the line break before a delimiter belongs to the delimiter.
+        nonlocal pending_eol
+        decoder.feed(pending_eol)
+        if block.endswith(b"\r\n"):
+            pending_eol = b"\r\n"
+        elif block.endswith(b"\n"):
+            pending_eol = b"\n"
+        else:
+            pending_eol = b""
+        decoder.feed_lines(block, len(block) - len(pending_eol))
+
     try:
-        while True:
-            line = reader.readline()
-            if not line:
-                decoder.feed(pending_eol)
-                return None
-            if _matches(line, outer):
-                # The line break before a delimiter belongs to the delimiter.
-                return line
+        ended = reader.scan(outer, take)
+        if ended is None:
             decoder.feed(pending_eol)
-            if line.endswith(b"\r\n"):
-                body, pending_eol = line[:-2], b"\r\n"
-            elif line.endswith(b"\n"):
-                body, pending_eol = line[:-1], b"\n"
-            else:
-                body, pending_eol = line, b""
-            decoder.feed(body)
+        return ended
     finally:
         decoder.finish()
 
 
+#: What a base64 decoder skips: line breaks and the blanks some senders leave.
+_BASE64_BLANKS = b"\r\n \t"
+
+
 class _Decoder:
+    """Decodes one part's body, fed as line breaks (:meth:`feed`) and runs of whole lines (:meth:`feed_lines`)."""
+
     def __init__(self, sink: LeafSink | None) -> None:
         self.sink = sink
 
@@ -308,25 +404,62 @@ class _Decoder:
         if self.sink is not None and data:
             self.sink.write(data)
 
+    def feed_lines(self, block: bytes, length: int) -> None:
+        """``block[:length]``: lines joined by their line breaks, the last one without its break.
+
+        The rest of ``block`` is that last line's break, which comes later, through :meth:`feed`.
+        (Passing the whole block spares base64, the bulk of the data, a copy.)
+        """
+        self.feed(block if length == len(block) else block[:length])
+
     def finish(self) -> None:
         if self.sink is not None:
             self.sink.close()
 
 
 class _Base64Decoder(_Decoder):
+    """Strict base64, as if decoded line by line: each line's complete 4-character groups at once.
+
+    Padding ("=") may therefore end any line's groups, not just the last
+    line's; a block with padding before its final group is decoded line by
+    line to accept and refuse exactly that.
+    """
+
     def __init__(self, sink: LeafSink | None) -> None:
         super().__init__(sink)
         self._rest = b""
 
     def feed(self, data: bytes) -> None:
+        if self.sink is not None:
+            self._decode(self._rest + data.translate(None, _BASE64_BLANKS))
+
+    def feed_lines(self, block: bytes, length: int) -> None:
         if self.sink is None:
             return
-        data = self._rest + data.translate(None, b"\r\n \t")
-        usable = len(data) - len(data) % 4
-        self._rest = data[usable:]
+        rest = self._rest
+        text = rest + block.translate(None, _BASE64_BLANKS)  # the held line break is blank too
+        usable = len(text) - len(text) % 4
+        # Without padding before the last group, one decode gives what line by line would.
+        if text.find(b"=", 0, max(0, usable - 4)) < 0:
+            try:
+                decoded = binascii.a2b_base64(text[:usable], strict_mode=True)
+            except binascii.Error:
+                pass  # decoded line by line below, for the same partial output and message as ever
+            else:
+                self._rest = text[usable:]
+                if decoded:
+                    self.sink.write(decoded)
+                return
+        for line in block[:length].split(b"\n"):
+            self.feed(line)
+
+    def _decode(self, text: bytes) -> None:
+        assert self.sink is not None
+        usable = len(text) - len(text) % 4
+        self._rest = text[usable:]
         if usable:
             try:
-                self.sink.write(binascii.a2b_base64(data[:usable], strict_mode=True))
+                self.sink.write(binascii.a2b_base64(text[:usable], strict_mode=True))
             except binascii.Error as exc:
                 raise WireFormatError(f"invalid base64 in a MIME part: {exc}") from exc
 
@@ -351,6 +484,18 @@ class _QuotedPrintableDecoder(_Decoder):
             return
         self._soft = data.endswith(b"=")
         super().feed(binascii.a2b_qp(data[:-1] if self._soft else data))
+
+    def feed_lines(self, block: bytes, length: int) -> None:
+        # Quoted-printable is rare and small (notes): line by line, as it always was.
+        *complete, last = block[:length].split(b"\n")
+        for line in complete:
+            if line.endswith(b"\r"):
+                self.feed(line[:-1])
+                self.feed(b"\r\n")
+            else:
+                self.feed(line)
+                self.feed(b"\n")
+        self.feed(last)
 
 
 def _decoder_for(headers: Message, sink: LeafSink | None) -> _Decoder:
