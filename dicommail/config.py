@@ -141,6 +141,8 @@ class ReceiverConfig:
     folder: str = ""
     retry_limit: int = _setting(0, low=0, high=1000)
     quarantine_days: int = _setting(30, low=1, high=3650)
+    forward: str = _setting("complete", choices=("complete", "progressive"))
+    forward_emergency: str = _setting("progressive", choices=("complete", "progressive"))
 
 
 @dataclass(frozen=True)
@@ -606,7 +608,13 @@ password_file = ""
 # Extra CA certificates (PEM) to trust; empty: the system's CAs.
 ca_file = ""
 timeout = 60
-# Attempts per mail before a temporary failure fails the transfer.
+# Tries per mail before a temporary failure (server down, 4xx) fails the
+# transfer.  After its n-th failed try a mail waits B * 2^(n-1) seconds, at
+# most 30 minutes, where B is gateway.send_interval in `dicommail gateway`
+# and 30 in `send`, `send --pending` and the receiver (which try again only
+# when they next run).  With the defaults a transfer fails after an outage
+# of about 91 minutes in the gateway (60, 120, ... 960, 1800, 1800 s), 62
+# minutes elsewhere.
 max_attempts = 8
 
 [mailbox]
@@ -647,6 +655,16 @@ retry_limit = 0
 # Days the quarantine keeps a refused mail (encrypted, with its reason)
 # before the receiver removes it.
 quarantine_days = 30
+# When the instances of a set go to the PACS: "complete" = once every part
+# is there and verified; "progressive" = each part's instances as soon as
+# that part is verified (its signature and its own manifest), so the first
+# images are readable before the last mail arrives.  Either way the set is
+# checked for completeness and acknowledged as a whole, and no instance is
+# sent twice; a set that never completes leaves its first parts in the PACS.
+# forward_emergency applies to sets the sender marked EMERGENCY.  A folder
+# destination always gets whole sets.
+forward = "complete"
+forward_emergency = "progressive"
 
 [pacs]
 # The local PACS that receives verified studies by C-STORE.
@@ -681,7 +699,10 @@ allowed_calling_aets = []
 allowed_addresses = []
 # The route for called AE titles without a [routes] table; empty: reject them.
 default_route = ""
-# Seconds between retries of queued mails that could not be sent.
+# Seconds between the gateway's rounds over the outbox, and its first wait
+# after a temporary SMTP failure: a mail is tried again after send_interval
+# seconds, then twice as long after each further failure, at most 30 minutes
+# (or send_interval, if longer), for smtp.max_attempts tries in all.
 send_interval = 60
 # A PACS that repeats a C-STORE the gateway had already stored (its success
 # answer was lost in a crash) is answered "success" without sending the

@@ -200,6 +200,8 @@ class Receiver:
             in_flight_check=config.pacs.in_flight_check != "none",
             test_destination=FolderDestination(config.resolve(config.constancy.test_destination))
             if config.constancy.test_destination else None,
+            forward=config.receiver.forward,
+            forward_emergency=config.receiver.forward_emergency,
         )
         #: Set it (a signal handler, or the program that runs this receiver) to stop after the current step.
         self.stop = stop if stop is not None else asyncio.Event()

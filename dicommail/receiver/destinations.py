@@ -252,6 +252,9 @@ class PacsDestination:
     (0) and after each instance the PACS accepted.
     """
 
+    #: Instances may arrive a part at a time (progressive forwarding): a PACS files each as it comes.
+    accepts_parts = True
+
     def __init__(self, config: PacsConfig, progress: ForwardProgress | None = None) -> None:
         self.config = config
         self.peer = _Peer(config)
@@ -509,6 +512,9 @@ def _batches(pending: list[_Instance]) -> Iterator[list[_Instance]]:
 
 class FolderDestination:
     """Copies each set to ``folder/<set id>/``: complete, or not at all."""
+
+    #: A folder gets each set whole (renamed into place), so progressive forwarding does not apply.
+    accepts_parts = False
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder

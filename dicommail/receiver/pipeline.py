@@ -9,6 +9,11 @@ repeated (a part that exists already, an instance already forwarded).
     set part --(all parts there, manifest checks)--> complete set
     --(destination)--> delivered set
 
+With progressive forwarding (``receiver.forward``, by default for emergency
+sets) each verified part's instances also go to the destination while the
+set is still collecting; the set is still checked, delivered and
+acknowledged as a whole, and instances already stored are not sent again.
+
 Every mail is hostile until verified.  Whatever goes wrong with one item (a
 mail, a fragment group, a set, an instance), whatever the exception, ends
 with that item quarantined with its reason and its plaintext removed; the
@@ -62,7 +67,15 @@ from dicommail.store.files import atomic_writer, fsync_dir
 from dicommail.wire.manifest import Manifest
 from dicommail.wire.notifications import ReceivedReport, open_report
 from dicommail.wire.partial import FragmentInfo, format_ranges, join_fragments
-from dicommail.wire.unpack import ReceivedFile, ReceivedPart, VerifiedSet, open_mail, read_envelope, verify_set
+from dicommail.wire.unpack import (
+    ReceivedFile,
+    ReceivedPart,
+    VerifiedSet,
+    open_mail,
+    read_envelope,
+    verify_part,
+    verify_set,
+)
 
 log = logging.getLogger("dicommail.receiver")
 
@@ -72,6 +85,9 @@ MAX_BACKOFF = 1800.0
 MAX_MISMATCHED = 1000
 #: Combinations of fragment candidates tried per group and cycle (forged duplicates make more).
 MAX_FRAGMENT_COMBINATIONS = 16
+#: ``receiver.forward`` values: the whole verified set at once, or each verified part as it comes.
+FORWARD_COMPLETE = "complete"
+FORWARD_PROGRESSIVE = "progressive"
 #: errno values that mean the machine, not the mail, is at fault: the round stops and is repeated.
 _MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE,
                              errno.ENFILE})
@@ -165,6 +181,8 @@ class Pipeline:
         quarantine_days: float = 30.0,
         in_flight_check: bool = True,
         test_destination: Destination | None = None,
+        forward: str = FORWARD_COMPLETE,
+        forward_emergency: str = FORWARD_PROGRESSIVE,
     ) -> None:
         self.db = db
         # Acknowledgements back to senders (None: none are recorded), and notifications that arrive here.
@@ -184,6 +202,8 @@ class Pipeline:
         self.own_addresses = frozenset(a.lower() for a in own_addresses if a)
         self.quarantine_days = quarantine_days
         self.in_flight_check = in_flight_check
+        self.forward = forward
+        self.forward_emergency = forward_emergency
         # Fault-injection point for the crash tests: called with a step name.
         self._crash_hook = crash_hook or (lambda _step: None)
         self._recovered = False
@@ -194,8 +214,8 @@ class Pipeline:
         A failure of the machine (disk full, database locked) stops this round
         but loses nothing: the interrupted step is repeated next time.
         """
-        stages = (self.recover, self.process_stored, self.complete_sets, self.forward_ready, self.expire_sets,
-                  self.expire_fragments, self.expire_quarantine)
+        stages = (self.recover, self.process_stored, self.forward_parts, self.complete_sets, self.forward_ready,
+                  self.expire_sets, self.expire_fragments, self.expire_quarantine)
         for stage in stages:
             try:
                 stage()
@@ -378,7 +398,9 @@ class Pipeline:
             part = open_mail(path, self.keyring, work, max_output=self.max_output, passphrase=self.passphrase)
             self._check_recipient(part)
             self._crash_hook("after-decrypt")
-            self._store_part(part, work, rows)
+            # The outer header's mark is unauthenticated, but it only decides *when* verified
+            # instances go on, never *what* goes on.
+            self._store_part(part, work, rows, emergency=read_envelope(path).emergency)
         finally:
             # Decrypted files stay only inside the part directory a committed row points to.
             shutil.rmtree(work, ignore_errors=True)
@@ -392,7 +414,7 @@ class Pipeline:
                 "someone re-encrypted another site's set to us; nothing is forwarded or acknowledged",
             )
 
-    def _store_part(self, part: ReceivedPart, work: Path, rows: list[Any]) -> None:
+    def _store_part(self, part: ReceivedPart, work: Path, rows: list[Any], *, emergency: bool = False) -> None:
         signer = part.signer.fingerprint
         existing = self.db.query(
             "SELECT 1 FROM inbound_parts p JOIN inbound_sets s ON s.id = p.set_ref "
@@ -413,9 +435,10 @@ class Pipeline:
         with self.db.transaction() as conn:
             conn.execute(
                 """INSERT INTO inbound_sets (set_id, signer, sender, set_total, study_uid, status,
-                       first_seen_at, updated_at) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?)
-                   ON CONFLICT (signer, set_id) DO UPDATE SET updated_at = excluded.updated_at""",
-                (part.set_id, signer, reply_to, part.set_total, part.study_uid, now(), now()),
+                       first_seen_at, updated_at, emergency) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?, ?)
+                   ON CONFLICT (signer, set_id) DO UPDATE SET updated_at = excluded.updated_at,
+                       emergency = MAX(emergency, excluded.emergency)""",
+                (part.set_id, signer, reply_to, part.set_total, part.study_uid, now(), now(), int(emergency)),
             )
             set_ref = conn.execute("SELECT id FROM inbound_sets WHERE signer = ? AND set_id = ?",
                                    (signer, part.set_id)).fetchone()[0]
@@ -546,16 +569,56 @@ class Pipeline:
             self._guarded(partial(self._forward, row), partial(self._fail_set, row["id"]),
                           f"set {row['set_id']}")
 
-    def _forward(self, row: Any) -> None:
-        set_ref, set_id = row["id"], row["set_id"]
-        verified = self.load_set(set_ref)
-        # A constancy check's test set never reaches the clinical destination, whatever happens.
-        constancy: dict[str, object] | None = None
-        destination: Destination = self.destination
-        if verified.constancy is not None:
-            constancy = self._check_constancy(set_ref, verified, verified.constancy)
-            destination = self.test_destination if self.test_destination is not None else _Nowhere()
-        self._settle_in_flight(set_ref, verified, destination)
+    def forward_parts(self) -> None:
+        """Progressive forwarding: the instances of each verified part of a set still collecting go on now."""
+        if not getattr(self.destination, "accepts_parts", False):
+            return  # a folder gets each set whole, renamed into place when complete
+        rows = self.db.query(
+            """SELECT p.set_ref, p.set_part, p.directory, s.set_id, s.set_total, s.attempts, s.emergency
+               FROM inbound_parts p JOIN inbound_sets s ON s.id = p.set_ref
+               WHERE s.status = 'collecting' AND p.forwarded_at IS NULL AND s.next_attempt_at <= ?
+               ORDER BY s.first_seen_at, p.set_part""",
+            (now(),),
+        )
+        waiting: set[int] = set()
+        for row in rows:
+            mode = self.forward_emergency if row["emergency"] else self.forward
+            if mode != FORWARD_PROGRESSIVE or row["set_ref"] in waiting:
+                continue
+            outcome: list[bool] = []
+            self._guarded(partial(self._forward_part, row, outcome), partial(self._fail_set, row["set_ref"]),
+                          f"set {row['set_id']} part {row['set_part']}")
+            if outcome != [True]:
+                # The destination is down for now, or the set failed: its later parts wait (or are gone).
+                waiting.add(row["set_ref"])
+
+    def _forward_part(self, row: Any, outcome: list[bool]) -> None:
+        """Send one verified part's instances; ``outcome`` gets False if the destination failed for now."""
+        outcome.append(self._send_part(row))
+
+    def _send_part(self, row: Any) -> bool:
+        set_ref, set_id = row["set_ref"], row["set_id"]
+        part = _load_part(Path(row["directory"]))
+        if part.constancy is None:
+            verified = verify_part(part)
+            self._settle_in_flight(set_ref, verified, self.destination)
+            if not self._deliver(set_ref, row["attempts"], set_id, verified, self.destination):
+                return False
+            log.info("set %s: part %d of %d forwarded ahead of the whole set (%d DICOM files)", set_id,
+                     row["set_part"], row["set_total"], len(verified.dicom_files))
+        # A constancy test set never goes to the clinical destination: it waits for the whole set.
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE inbound_parts SET forwarded_at = ? WHERE set_ref = ? AND set_part = ?",
+                         (now(), set_ref, row["set_part"]))
+        return True
+
+    def _deliver(self, set_ref: int, attempts: int, set_id: str, verified: VerifiedSet,
+                 destination: Destination) -> bool:
+        """Send what of ``verified`` is not stored yet, recording each instance; False after a temporary failure.
+
+        A temporary failure schedules the set's next attempt (doubling up to
+        :data:`MAX_BACKOFF`); any other failure, or one past ``retry_limit``, is raised.
+        """
         done = {r["sop_instance_uid"] for r in self.db.query(
             "SELECT sop_instance_uid FROM forwarded_instances WHERE set_ref = ? AND state = 'stored'", (set_ref,))}
 
@@ -582,7 +645,7 @@ class Pipeline:
         try:
             destination.deliver(verified, done, on_stored, on_sending)
         except DestinationError as exc:
-            attempts = row["attempts"] + 1
+            attempts += 1
             if not exc.temporary or (self.retry_limit and attempts >= self.retry_limit):
                 raise
             delay = min(MAX_BACKOFF, self.retry_interval * 2 ** min(attempts - 1, 10))
@@ -594,6 +657,20 @@ class Pipeline:
                 )
             log.warning("set %s not forwarded yet (attempt %d): %s; next try in %.0f s", set_id, attempts,
                         exc.message, delay)
+            return False
+        return True
+
+    def _forward(self, row: Any) -> None:
+        set_ref, set_id = row["id"], row["set_id"]
+        verified = self.load_set(set_ref)
+        # A constancy check's test set never reaches the clinical destination, whatever happens.
+        constancy: dict[str, object] | None = None
+        destination: Destination = self.destination
+        if verified.constancy is not None:
+            constancy = self._check_constancy(set_ref, verified, verified.constancy)
+            destination = self.test_destination if self.test_destination is not None else _Nowhere()
+        self._settle_in_flight(set_ref, verified, destination)
+        if not self._deliver(set_ref, row["attempts"], set_id, verified, destination):
             return
         with self.db.transaction() as conn:
             conn.execute(

@@ -92,6 +92,7 @@ CREATE TABLE inbound_sets (
     delivered_at    REAL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
+    emergency       INTEGER NOT NULL DEFAULT 0,  -- marked EMERGENCY by the sender (forwarded progressively)
     -- A set belongs to its signer: another peer reusing the ID makes another set.
     UNIQUE (signer, set_id)
 );
@@ -101,6 +102,7 @@ CREATE TABLE inbound_parts (
     set_part   INTEGER NOT NULL,
     inbound_id INTEGER,
     directory  TEXT NOT NULL,         -- decoded files and part.json in the spool
+    forwarded_at REAL,                -- its instances went on ahead of the set (progressive forwarding)
     PRIMARY KEY (set_ref, set_part)
 );
 
@@ -161,7 +163,11 @@ CREATE TABLE IF NOT EXISTS gateway_transfers (
 """
 
 #: Columns added to the tables above since they first shipped: (table, column, declaration).
-ADDED_COLUMNS = (("gateway_instances", "sha256", "TEXT"),)
+ADDED_COLUMNS = (
+    ("gateway_instances", "sha256", "TEXT"),
+    ("inbound_sets", "emergency", "INTEGER NOT NULL DEFAULT 0"),
+    ("inbound_parts", "forwarded_at", "REAL"),
+)
 
 
 def add_missing_columns(conn: sqlite3.Connection) -> None:

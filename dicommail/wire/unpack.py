@@ -70,6 +70,8 @@ class Envelope:
     set_id: str
     set_part: int | None
     set_total: int | None
+    #: Marked for an emergency (``EMERGENCY:`` subject or ``X-Priority: 1``); unauthenticated, a hint only.
+    emergency: bool = False
 
     @property
     def sender_address(self) -> str:
@@ -158,6 +160,8 @@ def read_envelope(path: Path) -> Envelope:
         set_id=set_id,
         set_part=_int_header(headers, h.SETPART),
         set_total=_int_header(headers, h.SETTOTAL),
+        emergency=str(headers.get("Subject", "")).lstrip().upper().startswith("EMERGENCY:")
+        or str(headers.get("X-Priority", "")).strip().startswith("1"),
     )
 
 
@@ -519,6 +523,17 @@ def verify_set(parts: Sequence[ReceivedPart]) -> VerifiedSet:
     )
 
 
+def verify_part(part: ReceivedPart) -> VerifiedSet:
+    """One part on its own, for progressive forwarding: its files exactly those of its manifest, intact.
+
+    The set's completeness is not known yet; :func:`verify_set` proves it once all parts are there.
+    """
+    if part.manifest is not None:
+        _check_part_manifest(part.set_id, part)
+    return VerifiedSet(set_id=part.set_id, study_uid=part.study_uid, signer=part.signer, parts=[part],
+                       files=list(part.files))
+
+
 def _check_manifests(set_id: str, parts: Sequence[ReceivedPart]) -> None:
     total_files = 0
     total_bytes = 0
@@ -527,32 +542,43 @@ def _check_manifests(set_id: str, parts: Sequence[ReceivedPart]) -> None:
     for part in parts:
         manifest = part.manifest
         assert manifest is not None
-        if (manifest.set_id, manifest.set_part, manifest.set_total) != (part.set_id, part.set_part, part.set_total):
-            raise IntegrityError(f"set {set_id}: the manifest of part {part.set_part} names another set or part")
         if (manifest.set_files, manifest.set_bytes) != (reference.set_files, reference.set_bytes):
             raise IntegrityError(f"set {set_id}: manifests disagree about the set's totals")
-        received = {f.content_id: f for f in part.files}
-        listed = {e.content_id for e in manifest.files}
-        unlisted = sorted(set(received) - listed)
-        if unlisted:
-            raise IntegrityError(f"set {set_id}, part {part.set_part}: {len(unlisted)} file(s) not in the manifest")
-        for entry in manifest.files:
-            item = received.get(entry.content_id)
-            where = f"set {set_id}, part {part.set_part}, file {entry.content_id.partition('.')[0]}"
-            if item is None:
-                raise IntegrityError(f"{where}: listed in the manifest but missing from the mail")
-            if item.size != entry.size or item.sha256 != entry.sha256:
-                raise IntegrityError(f"{where}: size or SHA-256 differs from the manifest; the file is damaged")
-            if entry.kind == "dicom" and (item.dicom is None or item.dicom.sop_instance_uid != entry.sop_instance_uid):
-                raise IntegrityError(f"{where}: its SOP Instance UID differs from the manifest")
-            total_files += 1
-            total_bytes += item.size
+        files, size = _check_part_manifest(set_id, part)
+        total_files += files
+        total_bytes += size
     if (total_files, total_bytes) != (reference.set_files, reference.set_bytes):
         raise IncompleteSetError(
             f"set {set_id}: the parts hold {total_files} files ({total_bytes} bytes) "
             f"but the manifest announces {reference.set_files} ({reference.set_bytes} bytes)",
             "ask the sender to send the set again",
         )
+
+
+def _check_part_manifest(set_id: str, part: ReceivedPart) -> tuple[int, int]:
+    """The files of ``part`` against its own manifest; their number and bytes."""
+    manifest = part.manifest
+    assert manifest is not None
+    total_files = total_bytes = 0
+    if (manifest.set_id, manifest.set_part, manifest.set_total) != (part.set_id, part.set_part, part.set_total):
+        raise IntegrityError(f"set {set_id}: the manifest of part {part.set_part} names another set or part")
+    received = {f.content_id: f for f in part.files}
+    listed = {e.content_id for e in manifest.files}
+    unlisted = sorted(set(received) - listed)
+    if unlisted:
+        raise IntegrityError(f"set {set_id}, part {part.set_part}: {len(unlisted)} file(s) not in the manifest")
+    for entry in manifest.files:
+        item = received.get(entry.content_id)
+        where = f"set {set_id}, part {part.set_part}, file {entry.content_id.partition('.')[0]}"
+        if item is None:
+            raise IntegrityError(f"{where}: listed in the manifest but missing from the mail")
+        if item.size != entry.size or item.sha256 != entry.sha256:
+            raise IntegrityError(f"{where}: size or SHA-256 differs from the manifest; the file is damaged")
+        if entry.kind == "dicom" and (item.dicom is None or item.dicom.sop_instance_uid != entry.sop_instance_uid):
+            raise IntegrityError(f"{where}: its SOP Instance UID differs from the manifest")
+        total_files += 1
+        total_bytes += item.size
+    return total_files, total_bytes
 
 
 def safe_file_name(name: str, fallback: str) -> str:
