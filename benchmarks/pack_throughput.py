@@ -1,12 +1,15 @@
 """Pack throughput and memory against plain gpg on the same bytes.
 
-    python benchmarks/pack_throughput.py [--study-mib 100] [--workers 1 2]
+    python benchmarks/pack_throughput.py [--study-mib 100] [--workers 1 2] [--rounds 3]
 
 Makes a synthetic CT (512x512 16-bit slices, air around a noisy body disc),
-then in one run: pushes the concatenated files through plain
+then in each round: pushes the concatenated files through plain
 ``gpg --sign --encrypt --armor -z 1`` and packs the study with dicommail with
-each worker count.  Each measurement runs in a fresh child process so that
-its peak RSS (ours and gpg's) is its own.  Prints rates, ratios and peak RSS.
+each worker count; each ratio is against the same round's plain gpg, so a
+machine shared with other work skews both alike.  Each measurement runs in a
+fresh child process so that its peak RSS (ours and gpg's) is its own.
+Prints rates, ratios, mails, bytes on the wire and peak RSS per round, then
+the range of each ratio over the rounds.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study-mib", type=int, default=100, help="study size in MiB (512 KiB per slice)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of each (ranges are printed)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -123,23 +127,27 @@ def main() -> None:
         mib = size / MIB
         version = subprocess.run(["gpg", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
         print(f"study: {mib:.1f} MiB in {slices} files; {version}")
-        plain = run_child("gpg", str(study), str(home))
-        plain_rate = mib / plain["seconds"]
-        print(
-            f"plain gpg -z 1        : {plain['seconds']:6.2f} s  {plain_rate:6.1f} MiB/s  "
-            f"gpg peak RSS {plain['rss_children_kib'] / 1024:.0f} MiB"
-        )
-        for workers in args.workers:
-            out = work / f"out{workers}"
-            result = run_child("pack", str(study), str(home), str(workers), str(out))
-            rate = mib / result["seconds"]
+        ratios: dict[int, list[float]] = {workers: [] for workers in args.workers}
+        for number in range(1, args.rounds + 1):
+            plain = run_child("gpg", str(study), str(home))
+            plain_rate = mib / plain["seconds"]
             print(
-                f"dicommail pack, {workers} worker(s): {result['seconds']:6.2f} s  {rate:6.1f} MiB/s  "
-                f"ratio {rate / plain_rate:4.2f}x  {int(result['mails'])} mails, "
-                f"{result['wire_bytes'] / MIB:.0f} MiB on the wire  "
-                f"peak RSS {result['rss_self_kib'] / 1024:.0f} MiB (gpg {result['rss_children_kib'] / 1024:.0f} MiB)"
+                f"round {number}: plain gpg -z 1 {plain['seconds']:5.2f} s {plain_rate:6.1f} MiB/s"
+                f"  gpg peak RSS {plain['rss_children_kib'] / 1024:.0f} MiB"
             )
-            shutil.rmtree(out, ignore_errors=True)
+            for workers in args.workers:
+                out = work / f"out{workers}"
+                result = run_child("pack", str(study), str(home), str(workers), str(out))
+                rate = mib / result["seconds"]
+                ratios[workers].append(rate / plain_rate)
+                print(
+                    f"  pack, {workers} worker(s): {result['seconds']:5.2f} s {rate / plain_rate:4.2f}x"
+                    f"  {int(result['mails'])} mails {result['wire_bytes'] / MIB:6.1f} MiB wire"
+                    f"  RSS {result['rss_self_kib'] / 1024:.0f} MiB (gpg {result['rss_children_kib'] / 1024:.0f})"
+                )
+                shutil.rmtree(out, ignore_errors=True)
+        summary = ", ".join(f"{w} worker(s) {min(r):.2f}-{max(r):.2f}x" for w, r in ratios.items())
+        print(f"pack vs plain gpg over {args.rounds} round(s): {summary}")
     finally:
         subprocess.run(["gpgconf", "--homedir", str(work / "g"), "--kill", "all"], check=False)
         shutil.rmtree(work, ignore_errors=True)

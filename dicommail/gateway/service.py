@@ -10,7 +10,11 @@ Threads and tasks:
   thread), queues each set with :func:`~dicommail.sender.outbox.queue_set`
   and sends it with :func:`~dicommail.sender.outbox.send_pending`.
 * Every ``gateway.send_interval`` seconds the loop also sends whatever else
-  the outbox holds that is due (retries after an SMTP outage).
+  the outbox holds that is due, and it wakes earlier when a failed mail's retry
+  falls due: after a temporary SMTP failure a mail waits ``send_interval``
+  seconds, then twice as long after each further failure, at most 30 minutes
+  (:func:`~dicommail.sender.outbox.retry_delay`), for ``smtp.max_attempts``
+  tries.
 
 Crash safety: every state change is one committed transaction, in order
 ``receiving → complete → packing → queued → sent``.  After a restart,
@@ -49,7 +53,7 @@ from dicommail.gateway.ingest import (
     StudyTracker,
 )
 from dicommail.gateway.scp import StoreService
-from dicommail.sender.outbox import ClientFactory, queue_set, send_pending, sender_lock
+from dicommail.sender.outbox import ClientFactory, next_attempt_due, queue_set, send_pending, sender_lock
 from dicommail.sender.packing import pack_options, sender_address
 from dicommail.store.db import Database
 from dicommail.store.files import pid_lock
@@ -128,7 +132,9 @@ class Gateway:
         client_factory: ClientFactory | None = None,
         crash_hook: Callable[[str], None] | None = None,
         stop: asyncio.Event | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
+        """``now`` is the clock of the sending schedule (a test's own, or wall-clock time)."""
         if not config.routes:
             raise ConfigError(
                 "no routes are configured",
@@ -138,6 +144,7 @@ class Gateway:
         self.db = db
         self.keyring = keyring
         self._crash_hook = crash_hook or (lambda _step: None)
+        self._now = now
         if client_factory is None:
             SmtpClient.from_config(config)  # a bad [smtp] section fails at start-up, not at the first study
 
@@ -159,7 +166,7 @@ class Gateway:
         self._sending: set[int] = set()  # transfers a task is sending right now
         self._outbox_lock = _OutboxLock(config.spool / "outbox")
         self._retry_task: asyncio.Task[None] | None = None
-        self._next_retry = 0.0
+        self._next_retry = 0.0  # by self._now, as the outbox's next_attempt_at
         self._cleanup_task: asyncio.Task[None] | None = None
         self._next_cleanup = 0.0  # retention clean-up: at start, then hourly
         self._sender = ""
@@ -395,8 +402,9 @@ class Gateway:
         try:
             async with self._outbox_lock.hold():
                 results = await send_pending(
-                    self.db, self._client_factory, sender=self._sender, max_attempts=self.config.smtp.max_attempts,
-                    transfer_ids=wanted,
+                    self.db, self._client_factory, sender=self._sender, now=self._now,
+                    max_attempts=self.config.smtp.max_attempts, transfer_ids=wanted,
+                    retry_base=float(self.config.gateway.send_interval),
                 )
             for result in results:
                 if result.status == "failed":
@@ -410,13 +418,29 @@ class Gateway:
         finally:
             self._sending.difference_update(wanted)
             self._update_sent_studies()
+            self._plan_retry()
+
+    def _plan_retry(self) -> None:
+        """Bring the next retry round forward to when the earliest waiting mail falls due.
+
+        Only to a time still ahead: mails already due that a round did not send (the
+        server refused our login, say) wait for the next round, not for the next tick.
+        """
+        try:
+            due = next_attempt_due(self.db, self._now(), exclude=self._sending)
+        except (sqlite3.Error, DicommailError) as exc:
+            log.error("cannot read the outbox's retry times: %s; retrying every send_interval", exc)
+            return
+        if due is not None:
+            self._next_retry = min(self._next_retry, due)
 
     def _start_retry(self) -> None:
-        """Every send_interval: send what the outbox holds that no study job is sending."""
-        now = time.monotonic()
-        if now < self._next_retry or (self._retry_task is not None and not self._retry_task.done()):
+        """Every send_interval, or when a retry falls due: send what no study job is sending."""
+        now, interval = self._now(), float(self.config.gateway.send_interval)
+        # A round planned more than an interval ahead means the clock was set back: go now.
+        if now < self._next_retry <= now + interval or (self._retry_task is not None and not self._retry_task.done()):
             return
-        self._next_retry = now + float(self.config.gateway.send_interval)
+        self._next_retry = now + interval
         rows = self.db.query("SELECT id FROM transfers WHERE status IN ('queued', 'sending') ORDER BY id")
         ids = [row["id"] for row in rows if row["id"] not in self._sending]
         if ids:

@@ -8,7 +8,8 @@ Only the one mail in flight at a crash, whose reply never arrived, may go out
 twice; receivers ignore duplicates.
 
 Temporary failures (server unreachable, 4xx) are retried with exponential
-backoff until ``max_attempts`` tries of one mail have failed; permanent ones
+backoff (:func:`retry_delay`: the caller's ``retry_base``, doubling, at most
+:data:`RETRY_CAP`) until ``max_attempts`` tries of one mail have failed; permanent ones
 (5xx) fail the transfer with the server's reply.  Login and TLS problems are
 configuration problems: they are raised to the caller and count no attempt.
 """
@@ -40,7 +41,9 @@ SENDING = "sending"
 SENT = "sent"
 FAILED = "failed"
 
-#: The first retry waits this long; each further one twice as long, up to the cap.
+#: The first retry waits this long where no interval is configured (``send``, ``send --pending``,
+#: the receiver); the gateway starts from ``gateway.send_interval``.  Each further one waits twice
+#: as long, up to the cap.
 RETRY_BASE = 30.0
 RETRY_CAP = 30 * 60.0
 
@@ -165,9 +168,29 @@ def queued_bytes(db: Database, transfer_ids: Collection[int] | None = None) -> i
     return sum(row["size"] for row in rows if transfer_ids is None or row["transfer_id"] in transfer_ids)
 
 
-def retry_delay(attempts: int) -> float:
-    """Seconds to wait after the ``attempts``-th failed try of a mail: 30 s, 60 s, … 30 min."""
-    return min(RETRY_BASE * 2.0 ** max(0, attempts - 1), RETRY_CAP)
+def retry_delay(attempts: int, base: float = RETRY_BASE) -> float:
+    """Seconds to wait after the ``attempts``-th failed try of a mail: ``base``, twice that, … 30 min.
+
+    A base above the cap is waited as it is: no retry comes sooner than the first.
+    """
+    return min(base * 2.0 ** max(0, attempts - 1), max(RETRY_CAP, base))
+
+
+def next_attempt_due(db: Database, after: float, exclude: Collection[int] = ()) -> float | None:
+    """The earliest time after ``after`` when an unfinished transfer not in ``exclude`` is due to go on.
+
+    None if no transfer falls due after ``after``.
+    """
+    # Mails go in order, so a transfer's first queued mail says when it goes on;
+    # a transfer without one (a crash before it was finished) is due at once.
+    rows = db.query(
+        "SELECT t.id, (SELECT m.next_attempt_at FROM outbound_mails m WHERE m.transfer_id = t.id"
+        " AND m.status = ? ORDER BY m.set_part, m.fragment LIMIT 1) AS due"
+        " FROM transfers t WHERE t.status IN (?, ?)",
+        (QUEUED, QUEUED, SENDING),
+    )
+    due = [row["due"] or 0.0 for row in rows if row["id"] not in exclude]
+    return min((at for at in due if at > after), default=None)
 
 
 def queue_set(
@@ -263,6 +286,14 @@ def transfer_result(db: Database, transfer_id: int, sent_now: int = 0, hint: str
     )
 
 
+@dataclass(frozen=True)
+class _Backoff:
+    """How a run retries a mail: at most ``max_attempts`` tries, waits from ``base`` seconds up."""
+
+    max_attempts: int
+    base: float
+
+
 class _Link:
     """The one connection of a run: opened when first needed, reopened after a failure.
 
@@ -306,6 +337,7 @@ async def send_pending(
     max_attempts: int = 8,
     transfer_ids: Collection[int] | None = None,
     progress: Callable[[int], None] | None = None,
+    retry_base: float = RETRY_BASE,
 ) -> list[TransferResult]:
     """Send the due mails of queued transfers (all, or those in ``transfer_ids``), in order.
 
@@ -313,8 +345,10 @@ async def send_pending(
     Raises :class:`AuthenticationError` (and other non-temporary connection
     errors such as an unverifiable TLS certificate) without touching the
     transfers: they are configuration problems.  ``progress`` receives the
-    wire size of each mail the server accepted.  Where several processes may
-    send from one home, hold :func:`sender_lock` around the call.
+    wire size of each mail the server accepted.  A mail that failed temporarily
+    is due again after :func:`retry_delay` of its attempts and ``retry_base``.
+    Where several processes may send from one home, hold :func:`sender_lock`
+    around the call.
     """
     rows = db.query("SELECT id FROM transfers WHERE status IN (?, ?) ORDER BY id", (QUEUED, SENDING))
     wanted = [row["id"] for row in rows if transfer_ids is None or row["id"] in transfer_ids]
@@ -322,7 +356,9 @@ async def send_pending(
     results: list[TransferResult] = []
     try:
         for transfer_id in wanted:
-            sent_now, hint = await _send_transfer(db, link, transfer_id, sender, now, max_attempts, progress)
+            sent_now, hint = await _send_transfer(
+                db, link, transfer_id, sender, now, _Backoff(max_attempts, retry_base), progress
+            )
             results.append(transfer_result(db, transfer_id, sent_now, hint))
     finally:
         await link.reset()
@@ -335,7 +371,7 @@ async def _send_transfer(
     transfer_id: int,
     sender: str,
     now: Callable[[], float],
-    max_attempts: int,
+    backoff: _Backoff,
     progress: Callable[[int], None] | None,
 ) -> tuple[int, str]:
     """Send one transfer's queued mails until done or a failure: (how many went out, the failure's hint)."""
@@ -358,7 +394,7 @@ async def _send_transfer(
         except TransportError as exc:
             if not exc.temporary:
                 raise
-            _failed_temporarily(db, transfer_id, mail, exc, now(), max_attempts, where)
+            _failed_temporarily(db, transfer_id, mail, exc, now(), backoff, where)
             return sent_now, exc.hint
         try:
             reply = await client.send(Path(mail["path"]), sender, [recipient])
@@ -367,7 +403,7 @@ async def _send_transfer(
         except TransportError as exc:
             if exc.temporary:
                 await link.reset()
-                _failed_temporarily(db, transfer_id, mail, exc, now(), max_attempts, where)
+                _failed_temporarily(db, transfer_id, mail, exc, now(), backoff, where)
             else:
                 _failed_permanently(db, transfer_id, mail, exc, now(), where)
             return sent_now, exc.hint
@@ -426,16 +462,16 @@ def _failed_temporarily(
     mail: sqlite3.Row,
     exc: TransportError,
     at: float,
-    max_attempts: int,
+    backoff: _Backoff,
     where: str,
 ) -> None:
-    attempts = mail["attempts"] + 1
+    attempts, max_attempts = mail["attempts"] + 1, backoff.max_attempts
     if attempts >= max_attempts:
         reason = f"gave up after {attempts} attempts: {exc.message}"
         _record_failure(db, transfer_id, mail["id"], attempts, reason, at)
         log.error("%s: %s", where, reason)
         return
-    retry_at = at + retry_delay(attempts)
+    retry_at = at + retry_delay(attempts, backoff.base)
     with db.transaction() as conn:
         conn.execute(
             "UPDATE outbound_mails SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",

@@ -1,33 +1,43 @@
 """Packing: a study becomes a set of signed, encrypted DICOM-Mail messages.
 
-Each mail is built in three streaming steps, so memory stays bounded by a
-copy buffer whatever the study size:
+Each mail is one streaming pipeline, so memory stays bounded by a few
+buffers whatever the study size, and no plaintext is ever written to disk:
 
-1. the inner MIME entity (``multipart/mixed``: DICOM parts, optional note and
-   attachments, the manifest) is written to a scratch file;
-2. gpg signs and encrypts it in one pass into an ASCII-armored file;
-3. the outer PGP/MIME mail (RFC 3156) wraps the armor; a mail still over the
-   size limit is split into ``message/partial`` fragments.
+1. the outer PGP/MIME mail's (RFC 3156) header and frame are written to the
+   mail file;
+2. the inner MIME entity (``multipart/mixed``: DICOM parts, optional note and
+   attachments, the manifest) is written into gpg's input as gpg signs and
+   encrypts it, and gpg writes the ASCII armor straight into the mail file;
+3. the frame is closed; a mail still over the size limit is split into
+   ``message/partial`` fragments.
 
-Mails are built in parallel (one gpg process each) because gpg uses one core.
+``packing.workers`` mails are encrypted at once (one gpg process each,
+because gpg uses one core); one more gpg process may be starting up or
+finishing meanwhile, so that gpg never waits between two mails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import fcntl
 import hashlib
 import io
 import json
 import mimetypes
+import os
 import shutil
 import threading
+import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from dicommail import __version__
 from dicommail.constancy.values import FILE_NAME as CONSTANCY_NAME
@@ -149,9 +159,20 @@ def estimate_wire_size(items: Sequence[_Item], note: str = "", ratio: float = 1.
 
     With ``ratio=1`` (nothing compresses) this is an upper bound.
     """
-    inner = 1024 + MANIFEST_FIXED + len(note.encode()) * 3
-    for item in items:
-        inner += PART_OVERHEAD + MANIFEST_PER_FILE + base64_size(item.size) + item.extra
+    return _estimate_from_inner(_inner_base(note) + sum(_inner_bytes(item) for item in items), ratio)
+
+
+def _inner_base(note: str) -> int:
+    """Estimated inner entity bytes besides the parts of the files."""
+    return 1024 + MANIFEST_FIXED + len(note.encode()) * 3
+
+
+def _inner_bytes(item: _Item) -> int:
+    """Estimated inner entity bytes of one file: its part and its manifest entry."""
+    return PART_OVERHEAD + MANIFEST_PER_FILE + base64_size(item.size) + item.extra
+
+
+def _estimate_from_inner(inner: int, ratio: float) -> int:
     binary = int(inner * ratio) + OPENPGP_OVERHEAD
     armored = (binary + 2) // 3 * 4
     armored += (armored + 63) // 64 * 2 + 128  # CRLF per 64-character line, armor lines
@@ -162,22 +183,62 @@ def estimate_wire_size(items: Sequence[_Item], note: str = "", ratio: float = 1.
 MAX_FILES_PER_MAIL = 5000
 
 
-def plan_parts(items: Sequence[_Item], max_mail_size: int, note: str = "", ratio: float = 1.0) -> list[list[_Item]]:
+def plan_parts(
+    items: Sequence[_Item], max_mail_size: int, note: str = "", ratio: float = 1.0, workers: int = 1
+) -> list[list[_Item]]:
     """Group items into mails under ``max_mail_size``, in order, never splitting a file.
 
     The note and attachments ride in part 1.  An item that alone exceeds the
-    limit gets a mail of its own, which is later fragmented.
+    limit gets a mail of its own, which is later fragmented.  A set of more
+    than one mail gets a multiple of ``workers`` mails of about equal size
+    where the files allow it: the last of them would otherwise be encrypted
+    alone while the other workers wait (7 mails on 2 workers take as long as 8).
     """
     limit = int(max_mail_size * SAFETY_MARGIN)
+    parts = _fill_parts(items, limit, note, ratio)
+    if workers < 2 or len(parts) < 2 or len(parts) % workers == 0:
+        return parts
+    even = _even_parts(items, -(-len(parts) // workers) * workers, limit, note, ratio)
+    return even if even is not None else parts
+
+
+def _even_parts(items: Sequence[_Item], count: int, limit: int, note: str, ratio: float) -> list[list[_Item]] | None:
+    """Items in order in ``count`` mails of about equal size; None where files are too coarse for that."""
+    sizes = [_inner_bytes(item) for item in items]
+    total = sum(sizes)
     parts: list[list[_Item]] = []
     current: list[_Item] = []
-    for item in items:
-        note_here = note if not parts else ""
-        if current and (len(current) >= MAX_FILES_PER_MAIL
-                        or estimate_wire_size([*current, item], note_here, ratio) > limit):
+    done = 0
+    for item, size in zip(items, sizes, strict=True):
+        # A mail ends where the running total comes nearest to its share of the whole.
+        share = total * (len(parts) + 1) / count
+        if current and len(parts) < count - 1 and abs(done - share) <= abs(done + size - share):
             parts.append(current)
             current = []
         current.append(item)
+        done += size
+    parts.append(current)
+    if len(parts) != count:
+        return None
+    for number, part in enumerate(parts):
+        inner = _inner_base(note if number == 0 else "") + sum(_inner_bytes(item) for item in part)
+        if len(part) > MAX_FILES_PER_MAIL or _estimate_from_inner(inner, ratio) > limit:
+            return None
+    return parts
+
+
+def _fill_parts(items: Sequence[_Item], limit: int, note: str, ratio: float) -> list[list[_Item]]:
+    """Items in order, each mail filled while its estimate stays within ``limit``."""
+    parts: list[list[_Item]] = []
+    current: list[_Item] = []
+    inner = _inner_base(note)
+    for item in items:
+        size = _inner_bytes(item)
+        if current and (len(current) >= MAX_FILES_PER_MAIL or _estimate_from_inner(inner + size, ratio) > limit):
+            parts.append(current)
+            current, inner = [], _inner_base("")  # the note rides in part 1 only
+        current.append(item)
+        inner += size
     if current or not parts:
         parts.append(current)
     return parts
@@ -260,7 +321,7 @@ class Packer:
             items = _with_constancy(items, options.constancy)
         set_id = h.new_set_id(options.uid_root)
         ratio = estimate_compression(items, options.compression_level)
-        parts = plan_parts(items, options.max_mail_size, options.note, ratio)
+        parts = plan_parts(items, options.max_mail_size, options.note, ratio, max(1, options.workers))
         packed = PackedSet(
             set_id=set_id,
             study_uid=files[0].study_uid,
@@ -270,15 +331,13 @@ class Packer:
             set_total=len(parts),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
-        with scratch_dir(out_dir, ".dicommail-pack-") as work:
-            jobs = [(number, part) for number, part in enumerate(parts, 1)]
-            with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-                results = list(pool.map(lambda job: self._build_mail(packed, job[0], job[1], work), jobs))
-            # Only now that every mail exists: move them into place, durably.
+        remove_stale_scratch(out_dir)
+        with scratch_dir(out_dir, SCRATCH_PREFIX) as work, _in_use(work):
+            results = self._build_mails(packed, parts, work)
+            # Only now that every mail exists (each fsynced): move them into place, durably.
             for mails in results:
                 for mail in mails:
                     final = out_dir / mail.path.name
-                    fsync_file(mail.path)
                     mail.path.replace(final)
                     packed.mails.append(
                         PackedMail(final, mail.set_part, mail.message_id, mail.size, mail.fragment, mail.fragments)
@@ -286,43 +345,80 @@ class Packer:
             fsync_dir(out_dir)
         return packed
 
+    def _build_mails(self, packed: PackedSet, parts: list[list[_Item]], work: Path) -> list[list[PackedMail]]:
+        """Build every part's mail(s) in ``work``; on any failure or Ctrl-C, stop them all first."""
+        run = _Run(max(1, self.options.workers))
+        try:
+            # One thread more than encrypting slots: the next mail's gpg starts while the last one finishes.
+            with ThreadPoolExecutor(max_workers=run.workers + 1) as pool:
+                try:
+                    futures = [pool.submit(self._build_mail, run, packed, number, part, work)
+                               for number, part in enumerate(parts, 1)]
+                    return [future.result() for future in futures]
+                except BaseException:
+                    run.cancelled.set()  # a failed mail, or Ctrl-C: the others stop at their next block
+                    raise
+        finally:
+            # Also a thread the pool lost track of, when Ctrl-C came as it was starting one.
+            run.wait_until_idle()
+
     # -- one mail -------------------------------------------------------------
 
-    def _build_mail(self, packed: PackedSet, number: int, items: list[_Item], work: Path) -> list[PackedMail]:
+    def _build_mail(
+        self, run: _Run, packed: PackedSet, number: int, items: list[_Item], work: Path
+    ) -> list[PackedMail]:
+        with run.busy():
+            return self._build_one(run, packed, number, items, work)
+
+    def _build_one(
+        self, run: _Run, packed: PackedSet, number: int, items: list[_Item], work: Path
+    ) -> list[PackedMail]:
         options = self.options
+        if run.cancelled.is_set():
+            raise _Cancelled
         stem = f"{packed.set_id}-{number:04d}"
-        inner = work / f"{stem}.inner"
-        armored = work / f"{stem}.asc"
         date = email.utils.formatdate(localtime=True)
-        with inner.open("wb") as out:
-            self._write_inner(out, packed, number, items, date)
-        self.keyring.sign_encrypt_file(
-            inner,
-            armored,
-            recipient=options.recipient,
-            signer=options.signer,
-            passphrase=options.passphrase,
-            compress_level=options.compression_level,
-        )
-        inner.unlink()
         message_id = h.new_message_id(options.sender)
         subject = f"DICOM-Mail {packed.set_id} ({number}/{packed.set_total})"
         if options.emergency:
             subject = "EMERGENCY: " + subject
+        boundary = new_boundary()
         mail = work / f"{stem}.eml"
+
+        def feed(stdin: BinaryIO) -> None:
+            # gpg is already starting up while this waits for an encrypting slot.
+            with run.encrypting:
+                self._write_inner(stdin, packed, number, items, date, run.cancelled)
+                stdin.flush()
+
         with mail.open("wb") as out:
-            self._write_outer(out, packed, number, message_id, subject, armored, date)
-        armored.unlink()
-        size = wire_size(mail)
+            out.write(self._outer_head(packed, number, message_id, subject, date, boundary))
+            self.keyring.sign_encrypt_stream(
+                feed,
+                out,
+                recipient=options.recipient,
+                signer=options.signer,
+                passphrase=options.passphrase,
+                compress_level=options.compression_level,
+            )
+            out.seek(0, os.SEEK_END)  # gpg wrote the armor through the descriptor, past our buffer
+            out.write(LF + f"--{boundary}--".encode() + LF)
+            out.flush()
+            os.fsync(out.fileno())
+        size = _mail_wire_size(mail)
         if size <= options.max_mail_size:
             return [PackedMail(mail, number, message_id, size)]
         pieces = split_mail(
             mail, options.max_mail_size, work, stem, message_id.strip("<>").partition("@")[0], subject, options.sender
         )
         mail.unlink()
+        for piece in pieces:
+            fsync_file(piece)
         return [PackedMail(p, number, message_id, wire_size(p), i, len(pieces)) for i, p in enumerate(pieces, 1)]
 
-    def _write_inner(self, out: BinaryIO, packed: PackedSet, number: int, items: list[_Item], date: str) -> None:
+    def _write_inner(
+        self, out: BinaryIO, packed: PackedSet, number: int, items: list[_Item], date: str, cancelled: threading.Event
+    ) -> None:
         options = self.options
         boundary = new_boundary()
         out.write(
@@ -362,7 +458,7 @@ class Packer:
                 ("Content-ID", f"<{item.content_id}.{packed.set_id}@dicommail>"),
             ]
             out.write(delimiter + header_block(fields) + CRLF)
-            digest = hashlib.sha256()
+            digest = _Digest(cancelled)
             with item.path.open("rb") as source:
                 size = write_base64(source, out, digest)
             if size != item.size:
@@ -420,11 +516,11 @@ class Packer:
         out.write(manifest.to_json())
         out.write(f"--{boundary}--".encode() + CRLF)
 
-    def _write_outer(
-        self, out: BinaryIO, packed: PackedSet, number: int, message_id: str, subject: str, armored: Path, date: str
-    ) -> None:
+    def _outer_head(
+        self, packed: PackedSet, number: int, message_id: str, subject: str, date: str, boundary: str
+    ) -> bytes:
+        """The outer mail up to the armor (which gpg writes); ``LF --boundary-- LF`` closes it."""
         options = self.options
-        boundary = new_boundary()
         fields = [
             ("From", options.sender),
             ("To", options.recipient),
@@ -442,30 +538,142 @@ class Packer:
         ]
         if options.emergency:
             fields += [("X-Priority", "1 (Highest)"), ("Importance", "high"), ("Priority", "urgent")]
-        out.write(header_block(fields, LF) + LF)
-        out.write(b"This is an OpenPGP/MIME encrypted message (RFC 3156)." + LF)
-        out.write(f"--{boundary}".encode() + LF)
-        out.write(header_block([("Content-Type", "application/pgp-encrypted")], LF))
-        out.write(LF + b"Version: 1" + LF + LF)
-        out.write(f"--{boundary}".encode() + LF)
-        out.write(
-            header_block(
-                [
-                    ("Content-Type", 'application/octet-stream; name="encrypted.asc"'),
-                    ("Content-Disposition", 'inline; filename="encrypted.asc"'),
-                ],
-                LF,
-            )
-            + LF
+        return b"".join(
+            [
+                header_block(fields, LF) + LF,
+                b"This is an OpenPGP/MIME encrypted message (RFC 3156)." + LF,
+                f"--{boundary}".encode() + LF,
+                header_block([("Content-Type", "application/pgp-encrypted")], LF),
+                LF + b"Version: 1" + LF + LF,
+                f"--{boundary}".encode() + LF,
+                header_block(
+                    [
+                        ("Content-Type", 'application/octet-stream; name="encrypted.asc"'),
+                        ("Content-Disposition", 'inline; filename="encrypted.asc"'),
+                    ],
+                    LF,
+                )
+                + LF,
+            ]
         )
-        with armored.open("rb") as source:
-            shutil.copyfileobj(source, out, 1024 * 1024)
-        out.write(LF + f"--{boundary}--".encode() + LF)
 
     def _advance(self, size: int) -> None:
         if self._progress is not None:
             with self._lock:
                 self._progress(size)
+
+
+#: Scratch directories of a packing in progress, in the output directory.
+SCRATCH_PREFIX = ".dicommail-pack-"
+#: A scratch directory nobody holds is left alone this long: its packing may be just starting.
+STALE_AFTER = 60.0
+
+
+class _Run:
+    """What the mails of one :meth:`Packer.pack` share."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        #: A slot per worker, held while a mail is written into its gpg.
+        self.encrypting = threading.Semaphore(workers)
+        #: Set when one mail failed or the caller was interrupted.
+        self.cancelled = threading.Event()
+        self._active = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around one mail's work, so that :meth:`wait_until_idle` waits for it."""
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_until_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._active == 0)
+
+
+class _Cancelled(Exception):
+    """Raised in a mail's thread when the packing was cancelled: another mail failed, or Ctrl-C."""
+
+
+class _Digest:
+    """SHA-256 of a file as it is written; stops the writing once the packing is cancelled."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self._sha = hashlib.sha256()
+        self._cancelled = cancelled
+
+    def update(self, data: bytes, /) -> None:
+        # Called for every block written (about 57 KiB): a cancelled packing stops within one block.
+        if self._cancelled.is_set():
+            raise _Cancelled
+        self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+@contextlib.contextmanager
+def _in_use(work: Path) -> Iterator[None]:
+    """Hold a lock on the scratch directory ``work``: :func:`remove_stale_scratch` leaves it alone."""
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_scratch(out_dir: Path, now: Callable[[], float] = time.time) -> list[Path]:
+    """Remove the scratch directories that killed packings left in ``out_dir``; return them.
+
+    One is stale when no packing holds its lock and it is older than
+    :data:`STALE_AFTER` (a packing locks it right after creating it).
+    Earlier versions left the plaintext inner MIME there.
+    """
+    removed = []
+    for path in out_dir.glob(SCRATCH_PREFIX + "*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile, or not a directory of ours
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a packing is running in it
+            if now() - os.fstat(fd).st_mtime < STALE_AFTER:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _mail_wire_size(path: Path) -> int:
+    """:func:`~dicommail.wire.mime.wire_size` of a mail as we write them, without a Python pass over it.
+
+    Our mails and gpg's armor end lines with a bare LF and hold no CR, so the
+    wire size is the file's size plus one per LF; numpy counts those without
+    holding the GIL, which the other mails' threads need meanwhile.
+    """
+    block = bytearray(1024 * 1024)
+    view = np.frombuffer(block, dtype=np.uint8)
+    size = line_ends = returns = 0
+    with path.open("rb", buffering=0) as handle:
+        while read := handle.readinto(block):
+            data = view[:read]
+            size += read
+            line_ends += int(np.count_nonzero(data == 10))
+            returns += int(np.count_nonzero(data == 13))
+    return size + line_ends if returns == 0 else wire_size(path)
 
 
 def _base64_bytes(data: bytes) -> bytes:
