@@ -642,6 +642,13 @@ class Keyring:
     def _check_decryption(self, result: GpgResult, max_output: int) -> Verification:
         """Apply the rules in order: not for us, too large, damaged, bad signature, untrusted."""
         okay = result.has("DECRYPTION_OKAY")
+        if not okay and result.has("NEED_PASSPHRASE_SYM"):
+            # A passphrase asked for a symmetric packet is the mail's, not this site's key's: as a
+            # PassphraseError it would stop every round at this mail, for ever.
+            raise DecryptionError(
+                "the mail is passphrase-encrypted (symmetric), not encrypted to this site's key",
+                "DICOM mails must be signed and encrypted to this site's key; ask the sender to fix their setup",
+            )
         if not okay and (result.has("BAD_PASSPHRASE") or _ERR_BAD_PASSPHRASE in result.error_codes):
             raise PassphraseError(
                 "wrong passphrase for this site's key: the mail cannot be decrypted",

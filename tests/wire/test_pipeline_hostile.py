@@ -592,3 +592,34 @@ def test_hostile_content_from_a_certified_peer_leaves_no_plaintext(
     assert status == "quarantined" and error is not None and error.split(":")[0] in ("malformed", "not-dicom")
     assert [s for _, s in receiving.sets()] == ["delivered"]
     receiving.assert_no_plaintext()
+
+
+def test_a_passphrase_encrypted_mail_is_refused_and_blocks_nothing(
+    hospital_site: Site, receiving: Receiving, ct_study: list[Path], tmp_path: Path
+) -> None:
+    """gpg asks for a passphrase for a symmetric packet: that is the mail's fault, not this site's key's.
+
+    Counted as a wrong passphrase file, it would stop every round at this
+    mail, for ever, and nothing after it would be processed.
+    """
+    import re
+    import subprocess
+
+    [genuine] = _pack(hospital_site, ct_study[:1], tmp_path / "a")
+    symmetric = subprocess.run(
+        ["gpg", "--homedir", str(tmp_path), "--batch", "--pinentry-mode", "loopback", "--passphrase", "sesame",
+         "--symmetric", "--armor"], input=b"Content-Type: text/plain\r\n\r\nhello\r\n", capture_output=True, check=True,
+    ).stdout
+    data = genuine.read_bytes()
+    forged = re.sub(rb"-----BEGIN PGP MESSAGE-----.*?-----END PGP MESSAGE-----\r?\n",
+                    lambda _m: symmetric.replace(b"\n", b"\r\n"), data, flags=re.S)
+    assert forged != data
+    (tmp_path / "symmetric.eml").write_bytes(forged)
+    [bad] = receiving.store(tmp_path / "symmetric.eml")
+    [good] = receiving.store(*_pack(hospital_site, ct_study[1:3], tmp_path / "b"))
+    receiving.pipeline.run_once()
+    status, error = receiving.mail_status(bad)
+    assert status == "quarantined" and error is not None and "passphrase" in error.lower()
+    assert receiving.mail_status(good)[0] == "processed"
+    assert [s for _, s in receiving.sets()] == ["delivered"]
+    receiving.assert_no_plaintext()
