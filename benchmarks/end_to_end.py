@@ -29,8 +29,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,10 +74,19 @@ def set_receiver_forward(home: Home, mode: str) -> None:
 
 
 def daemon(home: Home, log: Path, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    """A dicommail daemon whose log lines are written to ``log`` with the benchmark's clock in front."""
+    process = subprocess.Popen(
         [sys.executable, "-m", "dicommail", "--home", str(home.path), *args],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("a"),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+
+    def copy(stream: IO[bytes], out: IO[str]) -> None:
+        with out:
+            for line in stream:
+                out.write(f"{time.perf_counter():12.3f} {line.decode(errors='replace')}")
+
+    threading.Thread(target=copy, args=(process.stderr, log.open("a")), daemon=True).start()
+    return process
 
 
 def stop(process: subprocess.Popen[bytes] | None) -> None:
@@ -98,6 +109,7 @@ def one_transfer(args: argparse.Namespace, work: Path, servers: MailServers, pac
             time.sleep(0.1)
         time.sleep(3)  # the receiver's first poll, then IDLE
         start = time.perf_counter()
+        print(f"{start:12.3f} push starts", file=(work / "receiver.log").open("a"))
         if gateway is not None:
             subprocess.run(
                 [dcmtk_tool("storescu"), "-aet", "HOSPITALPACS", "-aec", ROUTE_AET, "127.0.0.1", str(port),
@@ -145,6 +157,7 @@ def main() -> None:
                         default=["complete", "progressive"])
     parser.add_argument("--idle", type=int, default=3, help="gateway.study_idle_seconds (default 3)")
     parser.add_argument("--via", choices=("gateway", "send"), default="gateway")
+    parser.add_argument("--keep", action="store_true", help="keep the logs (gateway.log, receiver.log) and say where")
     args = parser.parse_args()
     ensure_installed()
     work = Path(tempfile.mkdtemp(prefix="dme2e"))
@@ -183,7 +196,10 @@ def main() -> None:
         finally:
             remove_home(hospital)
             remove_home(practice)
-            shutil.rmtree(work, ignore_errors=True)
+            if args.keep:
+                print(f"logs kept in {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

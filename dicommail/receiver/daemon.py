@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 from dicommail.config import Config, format_size
 from dicommail.crypto.gpg import Keyring
 from dicommail.errors import AuthenticationError, DicommailError, ReceiverLockedError, TransportError
+from dicommail.identity import own_addresses
 from dicommail.receiver.destinations import FolderDestination
 from dicommail.receiver.notify import Notifier
 from dicommail.receiver.pipeline import Destination, Pipeline
@@ -132,24 +132,6 @@ def _smtp_from_config(config: Config) -> ClientFactory | None:
     return factory
 
 
-def own_addresses(config: Config, keyring: Keyring) -> set[str]:
-    """This site's mail addresses: a set signed for none of them was meant for someone else."""
-    from dicommail.crypto.keys import own_key
-
-    addresses = {config.identity.address.lower()} if config.identity.address else set()
-    if "@" in config.mailbox.username:
-        addresses.add(config.mailbox.username.lower())
-    try:
-        key = own_key(keyring, config.identity.key)
-    except DicommailError:
-        return addresses
-    for user_id in key.user_ids:
-        address = email.utils.parseaddr(user_id)[1].lower()
-        if "@" in address:
-            addresses.add(address)
-    return addresses
-
-
 def mailbox_description(config: Config) -> str:
     """The mailbox as a URL for the startup line: ``imap://user@host:port/INBOX with IDLE`` (no password)."""
     box = config.mailbox
@@ -205,7 +187,14 @@ class Receiver:
         )
         #: Set it (a signal handler, or the program that runs this receiver) to stop after the current step.
         self.stop = stop if stop is not None else asyncio.Event()
+        self.pipeline.should_stop = self.stop.is_set
         self._next_cleanup = 0.0  # monotonic time of the next retention clean-up: at start, then hourly
+        # Forwarding to the PACS runs beside fetching and decrypting (one run at a time);
+        # intake that stores new work while it runs asks for another round.
+        self._forwarding: asyncio.Future[None] | None = None
+        self._forward_again = False
+        # Acknowledgements and the outbox are sent by the cycle and by background forwarding.
+        self._outgoing = asyncio.Lock()
 
     async def _cleanup_if_due(self) -> None:
         """Remove the spool's files of finished work (``[retention]``), at start and once an hour."""
@@ -232,8 +221,13 @@ class Receiver:
                 "free disk space for the spool (see `dicommail cleanup --dry-run`); stored mails are still processed",
             )
 
-    async def cycle(self) -> CycleReport:
-        """Fetch what is new, then do all processing that is ready."""
+    async def cycle(self, *, wait_for_forwarding: bool = True) -> CycleReport:
+        """Fetch what is new, then do all processing that is ready.
+
+        Forwarding to the destination runs in a second thread; with
+        ``wait_for_forwarding`` (``receive --once``) the cycle ends after it,
+        else (the daemon) the next cycle may fetch and decrypt meanwhile.
+        """
         report = CycleReport()
         await self._cleanup_if_due()
         try:
@@ -262,7 +256,10 @@ class Receiver:
             log.debug("fetch failed", exc_info=exc)
         else:
             self._crash_hook("after-fetch")
-        await asyncio.to_thread(self.pipeline.run_once)
+        await asyncio.to_thread(self.pipeline.run_intake)
+        self._start_forwarding(background=not wait_for_forwarding)
+        if wait_for_forwarding:
+            await self.finish_forwarding()
         await self._send_outgoing(report)
         for row in self.db.query("SELECT status, COUNT(*) AS n FROM inbound_sets GROUP BY status"):
             report.sets[row["status"]] = row["n"]
@@ -271,8 +268,33 @@ class Receiver:
         )[0]["n"]
         return report
 
+    def _start_forwarding(self, *, background: bool) -> None:
+        if self._forwarding is not None and not self._forwarding.done():
+            self._forward_again = True  # the running round may have looked before this intake stored its parts
+            return
+        self._forwarding = asyncio.ensure_future(self._forward_until_done(background))
+
+    async def _forward_until_done(self, background: bool) -> None:
+        while True:
+            self._forward_again = False
+            worked = await asyncio.to_thread(self.pipeline.run_forwarding)
+            if worked and background:
+                # A set delivered while the daemon waits for mail is acknowledged now, not at the next poll.
+                await self._send_outgoing(CycleReport())
+            if not self._forward_again or self.stop.is_set():
+                return
+
+    async def finish_forwarding(self) -> None:
+        """Wait for the forwarding round under way, if any (it stops between items once :attr:`stop` is set)."""
+        if self._forwarding is not None:
+            await self._forwarding
+
     async def _send_outgoing(self, report: CycleReport) -> None:
         """Acknowledgements to senders, and this site's outbox (resends asked for by receivers)."""
+        async with self._outgoing:
+            await self._send_outgoing_now(report)
+
+    async def _send_outgoing_now(self, report: CycleReport) -> None:
         try:
             self.tracker.expire_overdue()
             if self._smtp is None:
@@ -305,9 +327,15 @@ class Receiver:
         """Poll until :attr:`stop` is set; back off while the mail server fails."""
         interval = float(self.config.receiver.interval)
         log.info("polling %s every %d s", mailbox_description(self.config), self.config.receiver.interval)
+        try:
+            await self._poll(interval)
+        finally:
+            await self.finish_forwarding()
+
+    async def _poll(self, interval: float) -> None:
         backoff = interval
         while not self.stop.is_set():
-            report = await self.cycle()
+            report = await self.cycle(wait_for_forwarding=False)
             if self.stop.is_set():
                 break
             if report.fetch_error is not None:

@@ -207,6 +207,9 @@ class Pipeline:
         # Fault-injection point for the crash tests: called with a step name.
         self._crash_hook = crash_hook or (lambda _step: None)
         self._recovered = False
+        #: Asked between items while forwarding: a daemon that is stopping finishes the current item only.
+        self.should_stop: Callable[[], bool] = lambda: False
+        self._forward_attempts = 0  # parts and sets tried (delivered, failed or put off)
 
     def run_once(self) -> None:
         """Do all work that is ready: decrypt stored mails, complete sets, forward, expire.
@@ -214,8 +217,29 @@ class Pipeline:
         A failure of the machine (disk full, database locked) stops this round
         but loses nothing: the interrupted step is repeated next time.
         """
-        stages = (self.recover, self.process_stored, self.forward_parts, self.complete_sets, self.forward_ready,
-                  self.expire_sets, self.expire_fragments, self.expire_quarantine)
+        self.run_intake()
+        self.run_forwarding()
+
+    def run_intake(self) -> None:
+        """Everything but forwarding: decrypt stored mails, complete sets, expire.
+
+        The daemon runs :meth:`run_forwarding` beside it in a second thread, so
+        that the next mails are fetched and decrypted while the PACS takes the
+        first ones.  Both share the database (its lock serialises them) and
+        touch different rows: intake makes parts and sets, forwarding sends
+        them on; neither removes what the other is working on, except a
+        failed or expired set, which stays failed (see :meth:`_fail_set`).
+        """
+        self._run_stages((self.recover, self.process_stored, self.complete_sets, self.expire_sets,
+                          self.expire_fragments, self.expire_quarantine))
+
+    def run_forwarding(self) -> bool:
+        """Send verified parts (progressive) and complete sets to the destination; True if it tried any."""
+        before = self._forward_attempts
+        self._run_stages((self.forward_parts, self.forward_ready))
+        return self._forward_attempts != before
+
+    def _run_stages(self, stages: tuple[Callable[[], None], ...]) -> None:
         for stage in stages:
             try:
                 stage()
@@ -527,8 +551,12 @@ class Pipeline:
 
     def _fail_set(self, set_ref: int, error: DicommailError, status: str = "failed") -> None:
         """The set cannot be delivered: keep its mails (encrypted) and the reason; remove the decrypted parts."""
-        [info] = self.db.query("SELECT set_id FROM inbound_sets WHERE id = ?", (set_ref,))
+        [info] = self.db.query("SELECT set_id, status FROM inbound_sets WHERE id = ?", (set_ref,))
         set_id = info["set_id"]
+        if info["status"] in ("failed", "expired", "delivered"):
+            # Forwarding and intake run side by side: the other one ended this set already.
+            log.debug("set %s is %s already; %s is not recorded", set_id, info["status"], error.code)
+            return
         mails = [Path(r["spool_path"]) for r in self.db.query(
             "SELECT spool_path FROM inbound_mails WHERE set_ref = ? ORDER BY set_part, id", (set_ref,))]
         details: dict[str, object] = {"set_id": set_id, "set_ref": set_ref}
@@ -566,6 +594,9 @@ class Pipeline:
             (now(),),
         )
         for row in rows:
+            if self.should_stop():
+                return
+            self._forward_attempts += 1
             self._guarded(partial(self._forward, row), partial(self._fail_set, row["id"]),
                           f"set {row['set_id']}")
 
@@ -582,10 +613,13 @@ class Pipeline:
         )
         waiting: set[int] = set()
         for row in rows:
+            if self.should_stop():
+                return
             mode = self.forward_emergency if row["emergency"] else self.forward
             if mode != FORWARD_PROGRESSIVE or row["set_ref"] in waiting:
                 continue
             outcome: list[bool] = []
+            self._forward_attempts += 1
             self._guarded(partial(self._forward_part, row, outcome), partial(self._fail_set, row["set_ref"]),
                           f"set {row['set_id']} part {row['set_part']}")
             if outcome != [True]:
