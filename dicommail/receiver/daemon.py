@@ -256,8 +256,19 @@ class Receiver:
             log.debug("fetch failed", exc_info=exc)
         else:
             self._crash_hook("after-fetch")
-        await asyncio.to_thread(self.pipeline.run_intake)
-        self._start_forwarding(background=not wait_for_forwarding)
+        background = not wait_for_forwarding
+        loop = asyncio.get_running_loop()
+        # The first verified part starts forwarding while intake decrypts the rest.
+
+        def ready() -> None:
+            loop.call_soon_threadsafe(self._start_forwarding, background)
+
+        self.pipeline.on_ready = ready
+        try:
+            await asyncio.to_thread(self.pipeline.run_intake)
+        finally:
+            self.pipeline.on_ready = lambda: None
+        self._start_forwarding(background)
         if wait_for_forwarding:
             await self.finish_forwarding()
         await self._send_outgoing(report)
@@ -268,7 +279,7 @@ class Receiver:
         )[0]["n"]
         return report
 
-    def _start_forwarding(self, *, background: bool) -> None:
+    def _start_forwarding(self, background: bool) -> None:
         if self._forwarding is not None and not self._forwarding.done():
             self._forward_again = True  # the running round may have looked before this intake stored its parts
             return

@@ -210,6 +210,8 @@ class Pipeline:
         #: Asked between items while forwarding: a daemon that is stopping finishes the current item only.
         self.should_stop: Callable[[], bool] = lambda: False
         self._forward_attempts = 0  # parts and sets tried (delivered, failed or put off)
+        #: Called (from the intake thread) when a part or set is ready to forward: the daemon starts forwarding.
+        self.on_ready: Callable[[], None] = lambda: None
 
     def run_once(self) -> None:
         """Do all work that is ready: decrypt stored mails, complete sets, forward, expire.
@@ -480,6 +482,7 @@ class Pipeline:
                     (now(), part.set_id, part.set_part, set_ref, row["id"]),
                 )
         log.info("set %s: part %d of %d verified (signer %s)", part.set_id, part.set_part, part.set_total, signer)
+        self.on_ready()
 
     def _reply_address(self, part: ReceivedPart) -> str | None:
         """Where acknowledgements go: a certified user ID of the signing key, never a header.
@@ -544,6 +547,7 @@ class Pipeline:
                 self.notifier.on_set_verified(conn, row["id"])
         log.info("set %s complete: %d DICOM files verified against the manifest", verified.set_id,
                  len(verified.dicom_files))
+        self.on_ready()
 
     def load_set(self, set_ref: int) -> VerifiedSet:
         rows = self.db.query("SELECT directory FROM inbound_parts WHERE set_ref = ? ORDER BY set_part", (set_ref,))
