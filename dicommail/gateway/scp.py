@@ -4,11 +4,20 @@ pynetdicom runs each association in its own thread; the handlers here store
 every instance durably (:class:`~dicommail.gateway.ingest.Ingest`) before
 returning its status, so "success" means "on disk and recorded".  Objects
 are kept exactly as they arrived, compressed transfer syntaxes included:
+the data set's bytes go to disk behind a File Meta header encoded here,
 nothing is decoded beyond the identifiers, nothing is recompressed.
+
+Tuned for throughput, where pynetdicom allows it: the presentation contexts
+are built once and shared by all associations (pynetdicom deep-copies them
+for each one otherwise, some 70 ms), pynetdicom's own event logging is off
+unless its logger wants INFO, and each association's reactor polls its
+socket every :data:`DUL_POLL_DELAY` seconds instead of every millisecond.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import ipaddress
 import logging
 import sqlite3
@@ -18,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -27,6 +36,7 @@ from dicommail.config import GatewayConfig, RouteConfig, format_size
 from dicommail.dicom import check_dicom_data
 from dicommail.errors import DicommailError, InputError
 from dicommail.gateway.ingest import Ingest, Instance, StudyTracker
+from dicommail.wire.headers import is_uid
 
 log = logging.getLogger("dicommail.gateway")
 
@@ -43,6 +53,27 @@ _CALLING_AET_NOT_RECOGNISED, _CALLED_AET_NOT_RECOGNISED, _NO_REASON = 0x03, 0x07
 
 #: Every transfer syntax pydicom knows, the compressed ones included: objects are stored as received.
 TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
+
+#: Seconds an association's pynetdicom reactor (its DUL thread) sleeps when its socket had
+#: nothing to read; pynetdicom's default is 1 ms.  Each receiving association waits for it
+#: between the PDUs of a large object and before sending each C-STORE answer; the price is
+#: CPU while an association is open and idle (see benchmarks/gateway_ingest.py --idle).
+DUL_POLL_DELAY = 0.0002
+
+
+class _SharedContexts(list[Any]):
+    """The supported presentation contexts, one list for every association.
+
+    pynetdicom deep-copies the server's contexts for each association (~150
+    SOP classes times every transfer syntax: tens of milliseconds); the
+    acceptor only reads them while negotiating, so one copy serves all.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedContexts:
+        return self
+
+    def __copy__(self) -> _SharedContexts:
+        return self
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,43 @@ def address_allowed(address: str, allowed: tuple[str, ...]) -> bool:
     return any(ip in ipaddress.ip_network(network, strict=False) for network in allowed)
 
 
+def storage_server(aet: str, address: tuple[str, int], handlers: list[Any]) -> tuple[AE, ThreadedAssociationServer]:
+    """A C-STORE/C-ECHO provider for every storage SOP class and transfer syntax, listening (non-blocking).
+
+    With this module's tuning (see above); ``handlers`` as for pynetdicom's
+    ``start_server``.  Raises ``OSError`` if it cannot listen.
+    """
+    logger = logging.getLogger("pynetdicom")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    if not logger.isEnabledFor(logging.INFO):
+        # pynetdicom's standard handlers format every PDU and DIMSE message for INFO/DEBUG
+        # lines that would not be shown: some 10% of its CPU per C-STORE.  (Process-wide,
+        # read when an association starts; warnings and errors are still logged.)
+        _config.LOG_HANDLER_LEVEL = "none"
+    ae = AE(ae_title=aet)
+    # Called AE titles are checked by the caller's policy (the gateway: each route is an AE title).
+    ae.require_called_aet = False
+    ae.maximum_associations = 16
+    ae.maximum_pdu_size = 0  # no limit: the peer sends PDVs as large as it likes
+    for context in AllStoragePresentationContexts:
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(VERIFICATION, TRANSFER_SYNTAXES)
+    server = ae.start_server(address, block=False, evt_handlers=[(evt.EVT_CONN_OPEN, _tune_association), *handlers],
+                             contexts=_SharedContexts(copy.deepcopy(ae.supported_contexts)))
+    assert server is not None  # block=False returns the server
+    return ae, server
+
+
+def _tune_association(event: evt.Event) -> None:
+    # Runs before the association's threads start.  An attribute, not an API: if a
+    # pynetdicom version has none, its own delay stays.
+    dul = event.assoc.dul
+    if isinstance(getattr(dul, "_run_loop_delay", None), float):
+        dul._run_loop_delay = DUL_POLL_DELAY
+
+
 class StoreService:
     """The association policy and the C-STORE/C-ECHO handlers of one gateway."""
 
@@ -94,32 +162,29 @@ class StoreService:
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
         self.ae: AE | None = None
+        self._implementation = ("", "")  # the AE's implementation class UID and version name
 
     # -- server ------------------------------------------------------------------
 
     def start(self) -> ThreadedAssociationServer:
-        """Listen on gateway.host:gateway.port (in pynetdicom's threads); raise ``OSError`` if it cannot."""
-        logger = logging.getLogger("pynetdicom")
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.WARNING)
-        ae = AE(ae_title=self.gateway.aet)
-        # Called AE titles are checked by the policy below: each route is an AE title.
-        ae.require_called_aet = False
-        ae.maximum_associations = 16
-        ae.maximum_pdu_size = 0  # no limit: the peer sends PDVs as large as it likes
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
-        ae.add_supported_context(VERIFICATION, TRANSFER_SYNTAXES)
+        """Tidy the spool, then listen on gateway.host:gateway.port (in pynetdicom's threads).
+
+        Raises ``OSError`` if it cannot listen.
+        """
+        try:
+            self.ingest.recover()
+        except (OSError, sqlite3.Error, DicommailError) as exc:
+            # Files without a row are never packed anyway: the gateway can serve meanwhile.
+            log.error("cannot tidy the spool's received files at start-up: %s; going on", exc)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        ae, server = storage_server(self.gateway.aet, (self.gateway.host, self.gateway.port), handlers)
         self.ae = ae
-        server = ae.start_server((self.gateway.host, self.gateway.port), block=False, evt_handlers=handlers)
-        assert server is not None  # block=False returns the server
+        self._implementation = (str(ae.implementation_class_uid), ae.implementation_version_name or "")
         self.server = server
         return server
 
@@ -197,15 +262,22 @@ class StoreService:
                     "(%s); answered 'out of resources', the sender retries", sop_uid, format_size(free),
                     format_size(self.ingest.min_free_space))
             return OUT_OF_RESOURCES
+        sop_class = str(request.AffectedSOPClassUID)
+        syntax = str(event.context.transfer_syntax)
+        if not (is_uid(sop_uid) and is_uid(sop_class) and is_uid(syntax)):
+            log.warning("refused instance %s: the request's UIDs are malformed", sop_uid[:64])
+            return CANNOT_UNDERSTAND
+        data = self._part10(event, sop_class, sop_uid, syntax)
+        written = self.ingest.write(sop_uid, data)  # written and fsynced while the object is checked
         try:
-            data = event.encoded_dataset(include_meta=True)
-            syntax = str(event.context.transfer_syntax)
             study_uid = _study_uid(data, sop_uid)
         except InputError as exc:
+            written.discard()
             # Also what packing would find later (read_dicom_info's checks): refuse it now, not retry forever.
             log.warning("refused instance %s: %s", sop_uid, exc.message)
             return CANNOT_UNDERSTAND
         except (ValueError, AttributeError, EOFError, KeyError, TypeError) as exc:
+            written.discard()
             log.warning("refused instance %s: cannot read its identifiers (%s)", sop_uid, type(exc).__name__)
             return CANNOT_UNDERSTAND
         item = Instance(
@@ -213,14 +285,14 @@ class StoreService:
             calling_aet=association.calling_aet,
             peer=association.peer,
             study_uid=study_uid,
-            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,
             transfer_syntax=syntax,
             data=data,
         )
         self.tracker.begin((item.route, study_uid), id(event.assoc))
         try:
-            stored = self.ingest.store(item)
+            stored = self.ingest.store(item, written=written)
         except InputError as exc:
             log.warning("refused instance %s: %s", sop_uid, exc.message)
             return CANNOT_UNDERSTAND
@@ -235,6 +307,48 @@ class StoreService:
             log.debug("instance %s of study %s again: already stored", sop_uid, stored.study_id)
         self._on_stored()
         return SUCCESS
+
+    def _part10(self, event: evt.Event, sop_class: str, sop_uid: str, syntax: str) -> bytes:
+        """The received object as a Part 10 file: our File Meta header, then the data set's bytes as they came."""
+        meta = file_meta(sop_class, sop_uid, syntax, *self._implementation)
+        dataset = cast(C_STORE, event.request).DataSet
+        if isinstance(dataset, io.BytesIO):
+            with dataset.getbuffer() as received:  # no copy of pynetdicom's buffer but the one joined here
+                return b"".join((meta, received))
+        return meta + event.encoded_dataset(include_meta=False)
+
+
+def file_meta(sop_class: str, sop_instance: str, syntax: str, implementation_uid: str,
+              implementation_version: str) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a received data set.
+
+    The same elements pynetdicom's ``encode_file_meta`` writes, encoded
+    directly (Explicit VR Little Endian): building a pydicom data set and
+    writing it cost more than the rest of storing a small instance.  The UIDs
+    must be valid (:func:`~dicommail.wire.headers.is_uid`).
+    """
+    elements = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(sop_class, b"\x00")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance, b"\x00")),
+        _meta_element(0x0010, b"UI", _padded(syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _padded(implementation_uid, b"\x00")),
+        _meta_element(0x0013, b"SH", _padded(implementation_version, b" ")) if implementation_version else b"",
+    ))
+    return b"".join((bytes(128), b"DICM", _meta_element(0x0000, b"UL", len(elements).to_bytes(4, "little")),
+                     elements))
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    tag = b"\x02\x00" + element.to_bytes(2, "little")
+    if vr == b"OB":  # a 4-byte length after two reserved bytes
+        return b"".join((tag, vr, b"\x00\x00", len(value).to_bytes(4, "little"), value))
+    return b"".join((tag, vr, len(value).to_bytes(2, "little"), value))
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
 
 
 def _study_uid(data: bytes, sop_uid: str) -> str:
