@@ -8,7 +8,6 @@ setting would enable it.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import functools
@@ -306,6 +305,9 @@ def _check_recipient(keyring: Keyring, address: str, now: datetime) -> str:
 
 
 def _check_smtp(config: Config) -> str:
+    # Imported here, like the mail clients: only `dicommail check` talks to the servers.
+    import asyncio
+
     from dicommail.transport.smtp import SmtpClient
 
     client = SmtpClient.from_config(config)
@@ -320,6 +322,8 @@ def _check_smtp(config: Config) -> str:
 
 
 def _check_mailbox(config: Config) -> str:
+    import asyncio
+
     from dicommail.receiver.retrievers import make_retriever
     from dicommail.receiver.spool import Spool
     from dicommail.store.db import Database

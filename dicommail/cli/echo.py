@@ -35,3 +35,6 @@ def echo(app: AppContext, target: str | None, calling_aet: str | None, as_json: 
         f"success in {result.seconds * 1000:.1f} ms",
         markup=False,
     )
+
+
+COMMANDS: list[click.Command] = [echo]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import click
 
 from dicommail.cli.logs import log_options
@@ -23,6 +21,8 @@ def gateway(app: AppContext) -> None:
     for it for gateway.study_idle_seconds.  Runs until SIGTERM; queued
     studies resume after a restart.
     """
+    import asyncio  # here: the other commands need no event loop
+
     site = app.site
     asyncio.run(site.gateway(handle_signals=True))
 

@@ -369,3 +369,6 @@ def extend(app: AppContext, key_id: str | None, expires: str, as_json: bool) -> 
         print_json({"ok": True, **change.to_json()})
         return
     out.print(echo_escape(change.message))
+
+
+COMMANDS: list[click.Command] = [keys]

@@ -4,19 +4,24 @@ The root group makes the command line behave as admins expect of git or
 systemctl: ``--home`` may come before or after the command (every command
 takes it), usage errors exit 2, and with ``--json`` a usage error is one
 JSON document on stdout like every other failure.
+
+A command's module is imported when the command is first looked up (see
+:data:`SUBCOMMANDS`): ``dicommail unpack`` loads neither the receiver nor the
+mail clients, and ``dicommail --help`` nothing of the library but its errors.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
-from dicommail import Site, __version__
+from dicommail import __version__
 from dicommail.cli.render import (
     JsonUsageError,
     handle_errors,
@@ -26,7 +31,10 @@ from dicommail.cli.render import (
     print_json,
     wants_json,
 )
-from dicommail.config import Config, default_home
+
+if TYPE_CHECKING:
+    from dicommail import Site
+    from dicommail.config import Config
 
 #: Whatever dicommail creates (spool, state, decoded parts, keys) is for the service account only.
 PRIVATE_UMASK = 0o077
@@ -47,6 +55,8 @@ class AppContext:
     def site(self) -> Site:
         """The home as the library sees it (config validated, made private), opened on first use."""
         if self._site is None:
+            from dicommail import Site  # the library is loaded by the first command that needs it
+
             self._site = Site.open(self.home)
         return self._site
 
@@ -100,12 +110,108 @@ def _accept_home(command: click.Command) -> None:
             _accept_home(subcommand)
 
 
+class Listed(NamedTuple):
+    """A subcommand as the root's ``--help`` lists it without importing it."""
+
+    module: str  # under dicommail.cli; its COMMANDS list holds the command
+    summary: str  # the first sentence of the command's help, which --help shortens to fit
+    hidden: bool = False
+
+
+#: The root's subcommands.  tests/unit/test_startup.py holds each entry to the command itself.
+SUBCOMMANDS: dict[str, Listed] = {
+    "check": Listed("check", "Check that this site can run: config, secret files, keys, a test signature, SMTP, "
+                             "mailbox, PACS, gateway."),
+    "cleanup": Listed("cleanup", "Remove mails of delivered or cancelled transfers, fetched mails of finished sets "
+                                 "and sent acknowledgements."),
+    "constancy": Listed("constancy", "DIN 6868-159 constancy checks of teleradiology links: run them, list them, "
+                                     "document a month."),
+    "echo": Listed("echo", "Check the connection to a PACS with C-ECHO."),
+    "gateway": Listed("gateway", "Receive studies from the PACS by C-STORE and send each as a DICOM-Mail set."),
+    "inbox": Listed("inbox", "Show received sets: incomplete (which parts are missing), waiting for the PACS "
+                             "(and why), delivered, ..."),
+    "keys": Listed("keys", "Manage this site's key and the keys of its peers."),
+    "manpage": Listed("manpage", "Render the man pages from the commands' own help (roff, section 1).", hidden=True),
+    "pack": Listed("transfer", "Pack DICOM files or folders into signed, encrypted DICOM-Mail sets "
+                               "(one set per study)."),
+    "quarantine": Listed("quarantine", "Mails and sets the receiver could not process, kept (encrypted) with "
+                                       "the reason."),
+    "receive": Listed("receive", "Poll the mailbox, verify incoming sets and forward complete studies to the PACS."),
+    "send": Listed("send", "Send DICOM files or folders as DICOM-Mail sets over SMTP (one set per study)."),
+    "stats": Listed("stats", "Transfers sent and sets received, images, bytes, failures and transfer times per "
+                             "peer, month or route."),
+    "status": Listed("status", "Show sent transfers: delivered, failed (and why) or on their way, and how long "
+                               "delivery took."),
+    "testdata": Listed("transfer", "Write a synthetic, patient-free CT study: a defined test data set for demos "
+                                   "and DIN 6868-159 constancy checks (transfer time, completeness)."),
+    "transfers": Listed("status", "Manage sent transfers: retry, cancel or delete one."),
+    "unpack": Listed("transfer", "Decrypt, verify and reassemble DICOM-Mail files (any order, duplicates allowed)."),
+}
+
+
+class _Subcommands(MutableMapping[str, click.Command]):
+    """The root's ``commands``: looking one up imports its module and registers that module's commands.
+
+    Names are known without importing anything: ``in``, listing and click's
+    "did you mean" read them from :data:`SUBCOMMANDS`.
+    """
+
+    def __init__(self, register: Callable[[click.Command], None]) -> None:
+        self._register = register
+        self._loaded: dict[str, click.Command] = {}
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._loaded and name in SUBCOMMANDS:
+            module = importlib.import_module(f"dicommail.cli.{SUBCOMMANDS[name].module}")
+            commands: list[click.Command] = module.COMMANDS
+            for command in commands:
+                self._register(command)
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._loaded[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._loaded or name in SUBCOMMANDS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._loaded.keys() | SUBCOMMANDS.keys()))
+
+    def __len__(self) -> int:
+        return len(self._loaded.keys() | SUBCOMMANDS.keys())
+
+    def for_listing(self, name: str) -> click.Command:
+        """The command if it is loaded, else a stand-in with its summary (for ``--help``)."""
+        loaded = self._loaded.get(name)
+        if loaded is not None:
+            return loaded
+        listed = SUBCOMMANDS[name]
+        return click.Command(name, help=listed.summary, hidden=listed.hidden)
+
+
 class DicommailGroup(click.Group):
-    """The root group: ``--home`` after any command, and usage errors as JSON under ``--json``."""
+    """The root group: ``--home`` after any command, usage errors as JSON under ``--json``, lazy subcommands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subcommands = _Subcommands(self.add_command)
+        self.commands = self._subcommands
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         _accept_home(cmd)
         super().add_command(cmd, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # As click lists them, but from the stand-ins: listing imports no command's module.
+        rows = [(name, command) for name in self.list_commands(ctx)
+                if not (command := self._subcommands.for_listing(name)).hidden]
+        if rows:
+            limit = formatter.width - 6 - max(len(name) for name, _ in rows)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in rows])
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
@@ -162,6 +268,8 @@ def cli(ctx: click.Context) -> None:
     # this user only.  Restored when the command ends, for callers in-process.
     previous = os.umask(PRIVATE_UMASK)
     ctx.call_on_close(lambda: os.umask(previous))
+    from dicommail.config import default_home
+
     home: Path | None = ctx.meta.get(_HOME_KEY)
     ctx.obj = AppContext(home or default_home().expanduser().absolute())
 
@@ -186,6 +294,8 @@ def next_steps(home: Path, config_file: Path, address: str) -> list[str]:
 @handle_errors
 def init(app: AppContext, address: str, force: bool, as_json: bool) -> None:
     """Create the home directory with a commented dicommail.toml."""
+    from dicommail import Site
+
     site = Site.init(app.home, address, force=force)
     steps = next_steps(site.home, site.config.config_file, address)
     if as_json:
@@ -194,23 +304,3 @@ def init(app: AppContext, address: str, force: bool, as_json: bool) -> None:
         return
     info(f"wrote {site.config.config_file}")
     info("next steps:\n" + "\n".join(f"  {step}" for step in steps))
-
-
-def _register_subcommands() -> None:
-    # Imported here so that each command module can import ``cli`` helpers
-    # from this module without a cycle.
-    from dicommail.cli import check, constancy, echo, gateway, inbox, keys, quarantine, receive, send, status, transfer
-
-    cli.add_command(keys.keys)
-    cli.add_command(echo.echo)
-    cli.add_command(receive.receive)
-    for module in (transfer, send, gateway, check, status, constancy, inbox, quarantine):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-    from dicommail.cli import cleanup, manpage, stats
-
-    for command in (*cleanup.COMMANDS, *stats.COMMANDS, *manpage.COMMANDS):
-        cli.add_command(command)
-
-
-_register_subcommands()

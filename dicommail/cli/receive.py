@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import click
@@ -26,6 +25,8 @@ def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) ->
     On a terminal, a bar shows each set's instances as they go to the PACS
     (not with --json or -q).
     """
+    import asyncio  # here: the other commands need no event loop
+
     site = app.site
     # -q (or --log-level warning) asks for problems only: no bars either.
     quiet = as_json or logging.getLogger("dicommail").getEffectiveLevel() > logging.INFO
@@ -40,3 +41,6 @@ def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) ->
         out.print(f"sets: {summary}; quarantined mails: {report.quarantined}", markup=False)
     if report.fetch_error is not None:
         raise report.fetch_error  # on stderr; the JSON document above already says ok=false and why
+
+
+COMMANDS: list[click.Command] = [receive]

@@ -10,7 +10,6 @@ DIN 6868-159 allows two attempts a working day.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -19,17 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from dicommail.config import is_mail_address
-from dicommail.constancy import runner
 from dicommail.constancy import store as _s
 from dicommail.constancy.store import ConstancyCheck
-from dicommail.constancy.values import KINDS
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import DicomFile
 from dicommail.errors import DicommailError, InputError, ReceiverLockedError
 from dicommail.site.base import ProgressCallback, ProgressUpdate, SiteBase
 
+# The runner (pydicom, the SMTP client) is imported by the methods that run a
+# check: every Site has these methods, few use them.
 if TYPE_CHECKING:
     from dicommail.constancy.report import ConstancyReport
+    from dicommail.dicom import DicomFile
     from dicommail.site import Site
 
 __all__ = ["Constancy", "ConstancyCheck"]
@@ -72,6 +71,9 @@ class Constancy(SiteBase):
         ``[mailbox]``.  Failures to send the test set are recorded as a failed
         check, not raised.
         """
+        from dicommail.constancy import runner
+        from dicommail.constancy.values import KINDS
+
         if not is_mail_address(to):
             raise InputError(f"--to {to!r} is not a mail address")
         if kind not in KINDS:
@@ -125,6 +127,8 @@ class Constancy(SiteBase):
 
     def _attempt(self, to: str, kind: str, attempt: int, files: list[DicomFile], wait: float,
                  progress: ProgressCallback | None) -> ConstancyCheck:
+        from dicommail.constancy import runner
+
         config = self.config
         site = cast("Site", self)
         mark_id = _s.new_mark_id()
@@ -167,6 +171,8 @@ class Constancy(SiteBase):
 
     def _fetch_mail(self) -> None:
         """One receiver cycle (fetch, process: the Tracker records receipts); the daemon's job if it runs."""
+        import asyncio
+
         site = cast("Site", self)
         try:
             report = asyncio.run(site.receive(once=True))
@@ -177,6 +183,8 @@ class Constancy(SiteBase):
 
     def _alert(self, check: ConstancyCheck) -> None:
         """Mail a failed check to constancy.admin_address; a failure to do so is logged, not raised."""
+        from dicommail.constancy import runner
+
         admin = self.config.constancy.admin_address
         if not admin:
             return

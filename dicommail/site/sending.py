@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicommail.config import is_mail_address
 from dicommail.constancy.values import ConstancyMark
@@ -16,6 +16,7 @@ from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import DicomFile, quiet_pydicom, scan
 from dicommail.errors import ConfigError, DicommailError, InputError
+from dicommail.identity import own_addresses
 from dicommail.sender.outbox import (
     TransferResult,
     queue_set,
@@ -29,9 +30,12 @@ from dicommail.sender.packing import pack_options, sender_address
 from dicommail.sender.tracking import record_study_details
 from dicommail.site.base import Counter, ProgressCallback, SiteBase
 from dicommail.store.db import Database
-from dicommail.transport.smtp import SmtpClient
 from dicommail.wire.pack import PackedSet, Packer, PackOptions
 from dicommail.wire.unpack import UnpackReport, unpack_files
+
+# The SMTP client (aiosmtplib, asyncio) is imported where mail is sent: unpack and pack go without it.
+if TYPE_CHECKING:
+    from dicommail.transport.smtp import SmtpClient
 
 __all__ = ["PackedSet", "Sending", "SkipCallback", "TransferResult", "UnpackReport"]
 
@@ -104,9 +108,6 @@ class Sending(SiteBase):
         "unpacking" updates counted in mails.
         """
         config = self.config
-        # Imported here: the receiver's IMAP/POP3 clients cost import time that the other jobs can do without.
-        from dicommail.receiver.daemon import own_addresses
-
         counter = Counter(progress, "unpacking", len(mails), unit="mails")
         with self._keyring() as keyring:
             return unpack_files(
@@ -155,6 +156,8 @@ class Sending(SiteBase):
         their transfer IDs in its ``queued_transfers`` attribute: they stay in the outbox for
         :meth:`send_pending`.
         """
+        from dicommail.transport.smtp import SmtpClient
+
         config = self.config
         # Checked before packing, which may take long: a bad [smtp] section fails at once.
         client = SmtpClient.from_config(config)
@@ -201,6 +204,8 @@ class Sending(SiteBase):
         :meth:`send`.  Raises :class:`~dicommail.errors.ConfigError` for a bad ``[smtp]``
         section or no sender address, and the connection errors of :meth:`send`.
         """
+        from dicommail.transport.smtp import SmtpClient
+
         config = self.config
         client = SmtpClient.from_config(config)
         if not sender and not config.identity.address:
@@ -257,6 +262,8 @@ class Sending(SiteBase):
         on_wait: Callable[[], None] | None,
     ) -> list[TransferResult]:
         """Send due mails (all, or of ``transfer_ids``) under the outbox lock; results with their mails."""
+        import asyncio
+
         config = self.config
         with sender_lock(config.spool / "outbox", on_wait=on_wait):
             # Counted under the lock: another run may have sent some while we waited.

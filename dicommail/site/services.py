@@ -15,19 +15,23 @@ or, as the ``dicommail`` command does, blocking until SIGTERM/SIGINT::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import signal
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from dicommail.errors import InputError
-from dicommail.receiver.daemon import CycleReport, Receiver, crash_hook_from_env, receiver_lock
-from dicommail.receiver.spool import Spool
 from dicommail.site.base import ProgressCallback, ProgressUpdate, SiteBase
 
-__all__ = ["CycleReport", "Services"]
+# asyncio and the receiver are imported where they run: a Site that only packs
+# or unpacks needs neither (the receiver brings pynetdicom and the mail clients).
+if TYPE_CHECKING:
+    import asyncio
+
+    from dicommail.receiver.daemon import CycleReport
+
+__all__ = ["Services"]
 
 T = TypeVar("T")
 
@@ -85,9 +89,12 @@ class Services(SiteBase):
         for an unusable mailbox or PACS configuration, and
         :class:`~dicommail.errors.InputError` for an interval below 1.
         """
-        # Imported here: pynetdicom and aioimaplib load slowly and only the receiver needs them.
+        import asyncio
+
+        from dicommail.receiver.daemon import Receiver, crash_hook_from_env, receiver_lock
         from dicommail.receiver.destinations import make_destination
         from dicommail.receiver.retrievers import make_retriever
+        from dicommail.receiver.spool import Spool
 
         config = self.config
         if interval is not None:
@@ -122,8 +129,10 @@ class Services(SiteBase):
         runs for this home, and :class:`~dicommail.errors.ConfigError` if no
         routes are configured, ``[smtp]`` is unusable or the port is taken.
         """
-        # Imported here: pynetdicom loads slowly and only the gateway needs it.
+        import asyncio
+
         from dicommail.gateway.service import Gateway, gateway_lock
+        from dicommail.receiver.daemon import crash_hook_from_env
 
         stop = stop if stop is not None else asyncio.Event()
         with gateway_lock(self.home), self._database() as db, self._keyring() as keyring:
@@ -150,6 +159,8 @@ def _signals(install: Callable[[], None] | None) -> Iterator[None]:
     if install is None:
         yield
         return
+    import asyncio
+
     install()
     try:
         yield
@@ -166,6 +177,8 @@ async def _stop_on_cancel(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> 
     Without this, a cancellation would close the state database under a
     processing step still running in a worker thread.
     """
+    import asyncio
+
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)

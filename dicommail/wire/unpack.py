@@ -14,6 +14,7 @@ them):
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -192,6 +193,21 @@ class _FileSink:
         self.handle.close()
 
 
+class _PayloadSink:
+    """The armored payload, written for gpg to read right away: not hashed (gpg checks it), not fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open_private(path)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self.handle.write(data)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class _MemorySink:
     def __init__(self, limit: int, what: str) -> None:
         self.data = bytearray()
@@ -213,7 +229,7 @@ class _OuterHandler:
     def __init__(self, armored: Path) -> None:
         self.armored_path = armored
         self.control: _MemorySink | None = None
-        self.payload: _FileSink | None = None
+        self.payload: _PayloadSink | None = None
 
     def open_leaf(self, headers: Message) -> LeafSink | None:
         media = headers.get_content_type()
@@ -221,8 +237,7 @@ class _OuterHandler:
             self.control = _MemorySink(4096, "PGP/MIME control part")
             return self.control
         if media == "application/octet-stream" and self.payload is None:
-            # Read by gpg right away and then removed: no fsync.
-            self.payload = _FileSink(self.armored_path, durable=False)
+            self.payload = _PayloadSink(self.armored_path)
             return self.payload
         return None
 
@@ -297,10 +312,14 @@ def decrypt_mail(
     return DecryptedMail(outer, inner_path, signer)
 
 
-def decode_mail(decrypted: DecryptedMail, work: Path, *, max_output: int, durable: bool = True) -> ReceivedPart:
+def decode_mail(
+    decrypted: DecryptedMail, work: Path, *, max_output: int, durable: bool = True,
+    discard: Callable[[Path], object] = Path.unlink,
+) -> ReceivedPart:
     """The second half of :func:`open_mail`: decode the decrypted entity's parts into files of ``work``.
 
     With ``durable`` each file is fsynced once written; without, the caller makes them durable.
+    ``discard`` removes the decrypted entity once it is decoded.
     """
     inner_handler = _InnerHandler(work, durable=durable)
     with decrypted.inner_path.open("rb") as handle:
@@ -311,7 +330,7 @@ def decode_mail(decrypted: DecryptedMail, work: Path, *, max_output: int, durabl
         if not str(inner.get(h.SETID, "") or "").strip():
             # Only a mail without a set ID is named by its content (see _to_part).
             inner_sha256 = _file_sha256(handle)
-    decrypted.inner_path.unlink()
+    discard(decrypted.inner_path)
     return _to_part(decrypted.outer, inner, inner_handler, decrypted.signer, inner_sha256, max_output)
 
 
@@ -723,6 +742,18 @@ def _error_json(exc: DicommailError | None) -> dict[str, Any] | None:
     return data
 
 
+def _remove(path: Path) -> None:
+    # The work directory goes at the end in any case.
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _write_out(path: Path) -> None:
+    """Start a decoded file's way to disk; a failure is left to the fsync in :func:`write_set`, which counts."""
+    with contextlib.suppress(OSError):
+        fsync_file(path)
+
+
 def unpack_files(
     paths: Sequence[Path],
     keyring: Keyring,
@@ -777,8 +808,12 @@ def unpack_files(
         parts: dict[tuple[str, str], list[ReceivedPart]] = {}
         # gpg decrypts the next mails while this one is decoded, on other cores, each into a
         # file of its own: memory stays bounded by the decoder's blocks, disk by a few mails.
-        with ThreadPoolExecutor(max_workers=DECRYPT_WORKERS, thread_name_prefix="dicommail-decrypt") as decrypting:
+        # Disk work that nothing waits for (writing decoded files out, removing decrypted ones)
+        # is left to threads of its own: it costs the decoding thread milliseconds a mail.
+        with ThreadPoolExecutor(max_workers=DECRYPT_WORKERS, thread_name_prefix="dicommail-decrypt") as decrypting, \
+                ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="dicommail-disk") as disk:
             decrypting_ahead: dict[int, Future[DecryptedMail]] = {}
+            writing_out: list[Future[None]] = []
             try:
                 for index, path in enumerate(whole):
                     for ahead in range(index, min(len(whole), index + 1 + DECRYPT_WORKERS)):
@@ -791,7 +826,7 @@ def unpack_files(
                         decrypted = decrypting_ahead.pop(index).result()
                         # No fsync per file here: write_set makes the files durable where they stay.
                         part = decode_mail(decrypted, work / f"mail-{index + 1}", max_output=max_output,
-                                           durable=False)
+                                           durable=False, discard=lambda inner: disk.submit(_remove, inner))
                         if (own_addresses and part.recipients is not None
                                 and not own_addresses.intersection(part.recipients)):
                             raise MisaddressedError(
@@ -805,6 +840,13 @@ def unpack_files(
                         # A file given twice is in ``whole`` twice: its first opening counts for both.
                         advance(weight.pop(path, 0))
                     parts.setdefault((part.signer.fingerprint, part.set_id), []).append(part)
+                    # To disk while the next mails are decoded: write_set's fsyncs, which make the
+                    # files durable where they stay, then find little left to write.
+                    writing_out += [disk.submit(_write_out, received.path) for received in part.files]
+            except BaseException:
+                for write in writing_out:
+                    write.cancel()
+                raise
             finally:
                 # On an error that ends the job (or Ctrl-C), only decryptions already running finish.
                 for future in decrypting_ahead.values():

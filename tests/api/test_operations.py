@@ -50,7 +50,7 @@ def home(tmp_path: Path) -> Path:
 @pytest.fixture
 def with_operations(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI opens an :class:`OpsSite`."""
-    monkeypatch.setattr("dicommail.cli.main.Site", OpsSite)
+    monkeypatch.setattr("dicommail.Site", OpsSite)
 
 
 def _db(home: Path) -> Database:
