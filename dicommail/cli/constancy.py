@@ -133,7 +133,7 @@ def list_(app: AppContext, since: str | None, to: str | None, as_json: bool) -> 
     """One row per recorded check: kind, attempt, transfer time, per-criterion results, result."""
     checks = app.site.constancy_checks(since=since_option(since), to=to)
     if as_json:
-        print_json({"checks": [c.to_json() for c in checks]})
+        print_json({"ok": True, "checks": [c.to_json() for c in checks]})
         return
     if not checks:
         info("no constancy checks" + (" match" if since or to else " recorded yet"))

@@ -72,7 +72,7 @@ class Link:
         result = self.hospital.run("constancy", "list", "--json")
         assert result.returncode == 0, result.stdout + result.stderr
         data = json.loads(result.stdout)
-        assert list(data) == ["checks"]
+        assert list(data) == ["ok", "checks"] and data["ok"] is True
         for check in data["checks"]:
             assert list(check) == LIST_KEYS
         checks: list[dict[str, Any]] = data["checks"]
