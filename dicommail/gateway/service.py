@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import shutil
@@ -180,9 +181,15 @@ class Gateway:
         try:
             self.service.start()
         except OSError as exc:
+            port = self.config.gateway.port
+            if exc.errno in (errno.EACCES, errno.EPERM) and port < 1024:
+                hint = (f"port {port} is privileged: give the service CAP_NET_BIND_SERVICE (the commented "
+                        "AmbientCapabilities= line in examples/systemd/dicommail-gateway.service, see "
+                        "docs/install.md), or use a port of 1024 or above, e.g. 11112")
+            else:
+                hint = "check gateway.host and gateway.port; is another gateway or DICOM node using the port?"
             raise ConfigError(
-                f"cannot listen on {self.config.gateway.host}:{self.config.gateway.port}: {exc.strerror or exc}",
-                "check gateway.host and gateway.port; is another gateway or DICOM node using the port?",
+                f"cannot listen on {self.config.gateway.host}:{port}: {exc.strerror or exc}", hint,
             ) from exc
         gw = self.config.gateway
         log.info("listening on AE %s at %s port %d; routes: %s", gw.aet, gw.host, gw.port,

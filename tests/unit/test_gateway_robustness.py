@@ -230,3 +230,33 @@ def test_an_older_state_database_gains_the_sha256_column(tmp_path: Path) -> None
     assert not ingest.store(_instance(uid, data)).duplicate
     assert db.query("SELECT sha256 FROM gateway_instances")[0]["sha256"] == content_sha256(data)
 
+
+
+@pytest.mark.parametrize(("port", "says"), [(104, "CAP_NET_BIND_SERVICE"), (11112, "another gateway")])
+def test_a_port_it_may_not_bind_names_the_capability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     port: int, says: str) -> None:
+    import asyncio
+    import errno
+
+    from dicommail.errors import ConfigError
+
+    config = parse_config({"identity": {"address": "hospital@hospital.test"}, "gateway": {"port": port},
+                           "routes": {"DR": {"recipients": ["dr@practice.test"]}}}, tmp_path)
+    db = Database(tmp_path / "state.db")
+    gateway = service.Gateway(config, db, keyring=None, client_factory=lambda: None)  # type: ignore[arg-type]
+    monkeypatch.setattr(service, "own_key", lambda *_args: None)
+    monkeypatch.setattr(service, "sender_address", lambda *_args: "hospital@hospital.test")
+    monkeypatch.setattr(gateway, "_recover", lambda: None)
+    error = PermissionError(errno.EACCES, "Permission denied") if port < 1024 else \
+        OSError(errno.EADDRINUSE, "Address already in use")
+
+    def refuse() -> None:
+        raise error
+
+    monkeypatch.setattr(gateway.service, "start", refuse)
+    try:
+        with pytest.raises(ConfigError) as failed:
+            asyncio.run(gateway.run())
+    finally:
+        db.close()
+    assert f":{port}: " in failed.value.message and says in failed.value.hint
