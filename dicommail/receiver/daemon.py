@@ -261,7 +261,9 @@ class Receiver:
         # The first verified part starts forwarding while intake decrypts the rest.
 
         def ready() -> None:
-            loop.call_soon_threadsafe(self._start_forwarding, background)
+            # A stored part must never fail for want of a loop to tell (one closed by a double cancel).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._start_forwarding, background)
 
         self.pipeline.on_ready = ready
         try:
@@ -286,14 +288,19 @@ class Receiver:
         self._forwarding = asyncio.ensure_future(self._forward_until_done(background))
 
     async def _forward_until_done(self, background: bool) -> None:
-        while True:
-            self._forward_again = False
-            worked = await asyncio.to_thread(self.pipeline.run_forwarding)
-            if worked and background:
-                # A set delivered while the daemon waits for mail is acknowledged now, not at the next poll.
-                await self._send_outgoing(CycleReport())
-            if not self._forward_again or self.stop.is_set():
-                return
+        try:
+            while True:
+                self._forward_again = False
+                worked = await asyncio.to_thread(self.pipeline.run_forwarding)
+                if worked and background:
+                    # A set delivered while the daemon waits for mail is acknowledged now, not at the next poll.
+                    await self._send_outgoing(CycleReport())
+                if not self._forward_again or self.stop.is_set():
+                    return
+        except Exception as exc:
+            # Nobody awaits a background round: its failure is logged here, and the next cycle starts another.
+            log.error("forwarding failed unexpectedly (%s); it is retried in the next cycle", type(exc).__name__)
+            log.debug("forwarding failed", exc_info=exc)
 
     async def finish_forwarding(self) -> None:
         """Wait for the forwarding round under way, if any (it stops between items once :attr:`stop` is set)."""
@@ -328,6 +335,10 @@ class Receiver:
         except (OSError, sqlite3.Error) as exc:
             # Disk full or a locked database: nothing is marked sent, so it is retried next cycle.
             log.error("sending mail failed: %s; retried next cycle", exc)
+        except Exception as exc:
+            # A reply nobody foresaw (or a bug) must not end the daemon, nor a forwarding round.
+            log.error("sending mail failed unexpectedly (%s); retried next cycle", type(exc).__name__)
+            log.debug("sending failed", exc_info=exc)
 
     def notifier_sender(self) -> str:
         from dicommail.crypto.keys import own_key

@@ -27,6 +27,7 @@ so a certified peer that reuses another peer's set ID makes a set of its own.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import errno
 import hashlib
@@ -542,9 +543,13 @@ class Pipeline:
     def _complete(self, row: Any) -> None:
         verified = self.load_set(row["id"])
         with self.db.transaction() as conn:
-            conn.execute("UPDATE inbound_sets SET status = 'complete', updated_at = ? WHERE id = ?", (now(), row["id"]))
-            if self.notifier is not None:
+            # Only from "collecting": forwarding (the other thread) may have failed the set meanwhile.
+            changed = conn.execute("UPDATE inbound_sets SET status = 'complete', updated_at = ? "
+                                   "WHERE id = ? AND status = 'collecting'", (now(), row["id"])).rowcount
+            if changed and self.notifier is not None:
                 self.notifier.on_set_verified(conn, row["id"])
+        if not changed:
+            return
         log.info("set %s complete: %d DICOM files verified against the manifest", verified.set_id,
                  len(verified.dicom_files))
         self.on_ready()
@@ -587,7 +592,8 @@ class Pipeline:
         for row in self.db.query("SELECT directory FROM inbound_parts WHERE set_ref = ?", (set_ref,)):
             directory = Path(row["directory"])
             shutil.rmtree(directory, ignore_errors=True)
-            if directory.parent.is_dir() and not any(directory.parent.iterdir()):
+            # Intake may store another part of the set meanwhile (it runs beside forwarding): then it stays.
+            with contextlib.suppress(OSError):
                 directory.parent.rmdir()
 
     # -- complete sets -> destination ---------------------------------------------------------
@@ -690,7 +696,7 @@ class Pipeline:
             with self.db.transaction() as conn:
                 conn.execute(
                     "UPDATE inbound_sets SET attempts = ?, next_attempt_at = ?, error = ?, updated_at = ? "
-                    "WHERE id = ?",
+                    "WHERE id = ? AND status IN ('collecting', 'complete')",
                     (attempts, now() + delay, f"{exc.code}: {exc.message}", now(), set_ref),
                 )
             log.warning("set %s not forwarded yet (attempt %d): %s; next try in %.0f s", set_id, attempts,
@@ -711,12 +717,12 @@ class Pipeline:
         if not self._deliver(set_ref, row["attempts"], set_id, verified, destination):
             return
         with self.db.transaction() as conn:
-            conn.execute(
+            delivered = conn.execute(
                 "UPDATE inbound_sets SET status = 'delivered', delivered_at = ?, error = NULL, updated_at = ? "
-                "WHERE id = ?",
+                "WHERE id = ? AND status = 'complete'",
                 (now(), now(), set_ref),
-            )
-            if self.notifier is not None:
+            ).rowcount
+            if delivered and self.notifier is not None:
                 self.notifier.on_set_finished(conn, set_ref, "delivered", files=len(verified.files),
                                               dicom_instances=len(verified.dicom_files),
                                               warnings=len(verified.warnings), constancy=constancy)

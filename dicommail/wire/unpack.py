@@ -549,7 +549,9 @@ def verify_part(part: ReceivedPart) -> VerifiedSet:
     """
     if part.manifest is not None:
         _check_part_manifest(part.set_id, part)
-    return VerifiedSet(set_id=part.set_id, study_uid=part.study_uid, signer=part.signer, parts=[part],
+    # Older @GIT senders leave out the inner study header: the files name the study then, as in verify_set.
+    study_uid = part.study_uid or next((f.dicom.study_uid for f in part.files if f.dicom), "")
+    return VerifiedSet(set_id=part.set_id, study_uid=study_uid, signer=part.signer, parts=[part],
                        files=list(part.files))
 
 
