@@ -425,9 +425,7 @@ class Pipeline:
             part = open_mail(path, self.keyring, work, max_output=self.max_output, passphrase=self.passphrase)
             self._check_recipient(part)
             self._crash_hook("after-decrypt")
-            # The outer header's mark is unauthenticated, but it only decides *when* verified
-            # instances go on, never *what* goes on.
-            self._store_part(part, work, rows, emergency=read_envelope(path).emergency)
+            self._store_part(part, work, rows)
         finally:
             # Decrypted files stay only inside the part directory a committed row points to.
             shutil.rmtree(work, ignore_errors=True)
@@ -441,7 +439,7 @@ class Pipeline:
                 "someone re-encrypted another site's set to us; nothing is forwarded or acknowledged",
             )
 
-    def _store_part(self, part: ReceivedPart, work: Path, rows: list[Any], *, emergency: bool = False) -> None:
+    def _store_part(self, part: ReceivedPart, work: Path, rows: list[Any]) -> None:
         signer = part.signer.fingerprint
         existing = self.db.query(
             "SELECT 1 FROM inbound_parts p JOIN inbound_sets s ON s.id = p.set_ref "
@@ -465,7 +463,7 @@ class Pipeline:
                        first_seen_at, updated_at, emergency) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?, ?)
                    ON CONFLICT (signer, set_id) DO UPDATE SET updated_at = excluded.updated_at,
                        emergency = MAX(emergency, excluded.emergency)""",
-                (part.set_id, signer, reply_to, part.set_total, part.study_uid, now(), now(), int(emergency)),
+                (part.set_id, signer, reply_to, part.set_total, part.study_uid, now(), now(), int(part.emergency)),
             )
             set_ref = conn.execute("SELECT id FROM inbound_sets WHERE signer = ? AND set_id = ?",
                                    (signer, part.set_id)).fetchone()[0]
@@ -921,6 +919,7 @@ def _save_part(part: ReceivedPart, directory: Path) -> None:
         "signer": {**asdict(part.signer), "signed_at": part.signer.signed_at.isoformat()},
         "manifest": json.loads(part.manifest.to_json()) if part.manifest else None,
         "constancy": json.loads(part.constancy.to_json()) if part.constancy else None,
+        "emergency": part.emergency,
         "files": [
             {
                 "content_id": f.content_id,
@@ -970,5 +969,6 @@ def _load_part(directory: Path) -> ReceivedPart:
         manifest=manifest,
         note=data["note"],
         recipients=tuple(recipients) if recipients is not None else None,
+        emergency=bool(data.get("emergency", False)),
         constancy=ConstancyMark.from_json(json.dumps(constancy).encode()) if constancy else None,
     )

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import re
 import uuid
+from email.message import Message
 
 SETID = "X-TELEMEDICINE-SETID"
 SETPART = "X-TELEMEDICINE-SETPART"
 SETTOTAL = "X-TELEMEDICINE-SETTOTAL"
 STUDYID = "X-TELEMEDICINE-STUDYID"
 NOTIFICATION_TO = "X-TELEMEDICINE-DISPOSITION-NOTIFICATION-TO"
+
+#: An emergency set: its subject starts with this, and it carries these priority headers
+#: (docs/wire-format.md section 1).  Outside the encryption, so a hint for scheduling only.
+EMERGENCY_PREFIX = "EMERGENCY: "
+EMERGENCY_HEADERS = (("X-Priority", "1 (Highest)"), ("Importance", "high"), ("Priority", "urgent"))
 
 #: Content type of our manifest part inside the encrypted entity.
 MANIFEST_TYPE = "application/x-dicommail-manifest+json"
@@ -35,6 +41,13 @@ def is_study_id(value: str) -> bool:
 
 def is_set_id(value: str) -> bool:
     return bool(_SETID_RE.fullmatch(value))
+
+
+def is_emergency(headers: Message) -> bool:
+    """Whether an outer header marks its mail as an emergency (subject prefix or ``X-Priority: 1``)."""
+    subject = str(headers.get("Subject", "")).lstrip().upper()
+    return subject.startswith(EMERGENCY_PREFIX.strip().upper()) or \
+        str(headers.get("X-Priority", "")).strip().startswith("1")
 
 
 def new_set_id(uid_root: str = "") -> str:

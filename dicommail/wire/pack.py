@@ -381,7 +381,7 @@ class Packer:
         message_id = h.new_message_id(options.sender)
         subject = f"DICOM-Mail {packed.set_id} ({number}/{packed.set_total})"
         if options.emergency:
-            subject = "EMERGENCY: " + subject
+            subject = h.EMERGENCY_PREFIX + subject
         boundary = new_boundary()
         mail = work / f"{stem}.eml"
 
@@ -537,7 +537,7 @@ class Packer:
             ("X-Mailer", f"dicommail {__version__}"),
         ]
         if options.emergency:
-            fields += [("X-Priority", "1 (Highest)"), ("Importance", "high"), ("Priority", "urgent")]
+            fields += h.EMERGENCY_HEADERS
         return b"".join(
             [
                 header_block(fields, LF) + LF,

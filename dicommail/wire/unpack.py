@@ -71,8 +71,6 @@ class Envelope:
     set_id: str
     set_part: int | None
     set_total: int | None
-    #: Marked for an emergency (``EMERGENCY:`` subject or ``X-Priority: 1``); unauthenticated, a hint only.
-    emergency: bool = False
 
     @property
     def sender_address(self) -> str:
@@ -110,6 +108,8 @@ class ReceivedPart:
     recipients: tuple[str, ...] | None = None
     #: The constancy check mark (a test transfer, docs/wire-format.md section 10) with this mail's instances.
     constancy: ConstancyMark | None = None
+    #: The outer header marks it an emergency (unauthenticated: it decides when, never what, is forwarded).
+    emergency: bool = False
 
 
 @dataclass
@@ -161,8 +161,6 @@ def read_envelope(path: Path) -> Envelope:
         set_id=set_id,
         set_part=_int_header(headers, h.SETPART),
         set_total=_int_header(headers, h.SETTOTAL),
-        emergency=str(headers.get("Subject", "")).lstrip().upper().startswith("EMERGENCY:")
-        or str(headers.get("X-Priority", "")).strip().startswith("1"),
     )
 
 
@@ -428,6 +426,7 @@ def _to_part(
         note=note,
         recipients=recipients,
         constancy=constancy,
+        emergency=h.is_emergency(outer),
     )
 
 
