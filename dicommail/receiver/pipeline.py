@@ -43,7 +43,7 @@ from datetime import datetime
 from functools import partial
 from itertools import islice, product
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dicommail.constancy.values import ConstancyMark, compare
 from dicommail.crypto.gpg import Keyring, Verification
@@ -79,6 +79,8 @@ from dicommail.wire.unpack import (
 )
 
 log = logging.getLogger("dicommail.receiver")
+
+T = TypeVar("T")
 
 #: Backoff between forwarding attempts: doubles up to this many seconds.
 MAX_BACKOFF = 1800.0
@@ -263,10 +265,11 @@ class Pipeline:
                           type(exc).__name__)
                 log.debug("%s failed", stage.__name__, exc_info=exc)
 
-    def _guarded(self, action: Callable[[], None], on_error: Callable[[DicommailError], None], what: str) -> None:
-        """Run one item's step; any failure but the machine's quarantines the item (through ``on_error``)."""
+    def _guarded(self, action: Callable[[], T], on_error: Callable[[DicommailError], None], what: str) -> T | None:
+        """Run one item's step, returning its result; any failure but the machine's quarantines the item
+        (through ``on_error``) and returns ``None``."""
         try:
-            action()
+            return action()
         except Exception as exc:
             if is_machine_failure(exc):
                 raise
@@ -274,6 +277,7 @@ class Pipeline:
             if not isinstance(exc, DicommailError):
                 log.debug("%s failed", what, exc_info=exc)
             on_error(error)
+            return None
 
     # -- restart: orphans of a crash ---------------------------------------------------------
 
@@ -626,19 +630,15 @@ class Pipeline:
             mode = self.forward_emergency if row["emergency"] else self.forward
             if mode != FORWARD_PROGRESSIVE or row["set_ref"] in waiting:
                 continue
-            outcome: list[bool] = []
             self._forward_attempts += 1
-            self._guarded(partial(self._forward_part, row, outcome), partial(self._fail_set, row["set_ref"]),
-                          f"set {row['set_id']} part {row['set_part']}")
-            if outcome != [True]:
+            sent = self._guarded(partial(self._send_part, row), partial(self._fail_set, row["set_ref"]),
+                                 f"set {row['set_id']} part {row['set_part']}")
+            if not sent:
                 # The destination is down for now, or the set failed: its later parts wait (or are gone).
                 waiting.add(row["set_ref"])
 
-    def _forward_part(self, row: Any, outcome: list[bool]) -> None:
-        """Send one verified part's instances; ``outcome`` gets False if the destination failed for now."""
-        outcome.append(self._send_part(row))
-
     def _send_part(self, row: Any) -> bool:
+        """Send one verified part's instances; False if the destination failed for now (retried later)."""
         set_ref, set_id = row["set_ref"], row["set_id"]
         part = _load_part(Path(row["directory"]))
         if part.constancy is None:
