@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -22,7 +21,7 @@ from typing import IO, Any, TypeVar
 import click
 from rich.text import Text
 
-from dicommail.cli.render import err
+from dicommail.cli.render import err, names_journal_stream
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,15 +132,7 @@ def journal_mode(stream: IO[str] | None = None) -> bool:
         terminal = False
     if not terminal:
         return True
-    journal = os.environ.get("JOURNAL_STREAM", "")
-    if not journal:
-        return False
-    try:
-        device, _, inode = journal.partition(":")
-        status = os.fstat(stream.fileno())
-        return (status.st_dev, status.st_ino) == (int(device), int(inode))
-    except (OSError, ValueError, AttributeError):
-        return True
+    return names_journal_stream(stream) is not False
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -49,17 +49,25 @@ def json_printed() -> bool:
     return _Output.json_documents > 0
 
 
-def _on_journal_stream() -> bool:
-    """True when stderr is journald's stream itself (``JOURNAL_STREAM`` names it), as under a systemd unit."""
+def names_journal_stream(stream: IO[str]) -> bool | None:
+    """Whether ``JOURNAL_STREAM`` (``device:inode``, set by systemd for a unit's output) names ``stream``.
+
+    False when the variable is unset; None when it is set but cannot be compared.
+    """
     journal = os.environ.get("JOURNAL_STREAM", "")
     if not journal:
         return False
     try:
         device, _, inode = journal.partition(":")
-        status = os.fstat(sys.stderr.fileno())
+        status = os.fstat(stream.fileno())
         return (status.st_dev, status.st_ino) == (int(device), int(inode))
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+
+
+def _on_journal_stream() -> bool:
+    """True when stderr is journald's stream itself, as under a systemd unit."""
+    return names_journal_stream(sys.stderr) is True
 
 
 def _labelled(label: str, style: str, message: str, priority: int) -> Text:
