@@ -792,12 +792,11 @@ class Pipeline:
         """
         in_flight = [r["sop_instance_uid"] for r in self.db.query(
             "SELECT sop_instance_uid FROM forwarded_instances WHERE set_ref = ? AND state = 'sending'", (set_ref,))]
+        if not in_flight:
+            return  # the usual case: no crash to settle
         series = {f.dicom.sop_instance_uid: f.dicom.series_uid for f in verified.dicom_files if f.dicom}
         # A part (progressive forwarding) settles only its own instances: the others' series are not known here.
-        in_flight = [uid for uid in in_flight if uid in series]
-        if not in_flight:
-            return
-        for uid in in_flight:
+        for uid in (uid for uid in in_flight if uid in series):
             held = destination.has_instance(verified.study_uid, series.get(uid), uid) \
                 if self.in_flight_check else None
             if held:
