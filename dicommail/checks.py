@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-from dicommail.config import Config
+from dicommail.config import Config, GatewayConfig
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import KeyInfo, find_key, own_key
 from dicommail.errors import DicommailError, PassphraseError
@@ -132,7 +132,9 @@ def run_checks(config: Config, *, now: datetime | None = None) -> list[CheckResu
         results.append(_skipped("mailbox", mailbox_name, "add [mailbox] (the account this site's mail arrives in) "
                                                          "to receive studies and acknowledgements"))
     results.append(_pacs_result(config))
-    if "gateway" in config.configured or config.routes:
+    # `dicommail init` writes a [gateway] table of defaults into every home: only routes or
+    # a changed setting say this site means to run one (a receiving site must not fail here).
+    if config.routes or config.gateway != GatewayConfig():
         results.append(_run("gateway", "gateway", lambda: _check_gateway(config, peer_keys)))
     else:
         results.append(_skipped("gateway", "gateway", 'add [gateway] and [routes."AETITLE"] tables to send the '

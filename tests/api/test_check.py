@@ -402,3 +402,15 @@ def test_fingerprints_are_whole_in_80_columns(hospital_home: Path) -> None:
     check_column = [line[:header.index("status")].strip() for line in lines]
     row = next(i for i, line in enumerate(lines) if check_column[i] == "key of" and "FAILED" in line)
     assert "".join(check_column[row + 1:row + 3]) == long_address, output
+
+
+def test_the_gateway_defaults_that_init_writes_do_not_fail_a_receiving_site(tmp_path: Path) -> None:
+    home = tmp_path / "practice"
+    dicommail.Site.init(home, PRACTICE)
+    by_id = {r.id: r for r in dicommail.Site.open(home).check()}
+    assert by_id["gateway"].status == "skipped" and "[routes" in by_id["gateway"].hint
+    # A gateway setting of its own says the site means to run one: then missing routes fail.
+    text = (home / "dicommail.toml").read_text().replace("port = 11112", "port = 11113")
+    (home / "dicommail.toml").write_text(text)
+    by_id = {r.id: r for r in dicommail.Site.open(home).check()}
+    assert by_id["gateway"].status == "failed" and "no routes are configured" in by_id["gateway"].detail
