@@ -210,7 +210,7 @@ class Pipeline:
         # Fault-injection point for the crash tests: called with a step name.
         self._crash_hook = crash_hook or (lambda _step: None)
         self._recovered = False
-        #: Asked between items while forwarding: a daemon that is stopping finishes the current item only.
+        #: Asked between items: a daemon that is stopping finishes the current mail, part or set only.
         self.should_stop: Callable[[], bool] = lambda: False
         self._forward_attempts = 0  # parts and sets tried (delivered, failed or put off)
         #: Called (from the intake thread) when a part or set is ready to forward: the daemon starts forwarding.
@@ -235,6 +235,9 @@ class Pipeline:
         them on; neither removes what the other is working on, except a
         failed or expired set, which stays failed (see :meth:`_fail_set`).
         """
+        # A stop between stages or mails loses nothing: each leaves the database consistent, and
+        # what is left is the next start's work (a backlog of large mails takes minutes, longer
+        # than systemd waits before it kills the unit).
         self._run_stages((self.recover, self.process_stored, self.complete_sets, self.expire_sets,
                           self.expire_fragments, self.expire_quarantine))
 
@@ -246,6 +249,8 @@ class Pipeline:
 
     def _run_stages(self, stages: tuple[Callable[[], None], ...]) -> None:
         for stage in stages:
+            if self.should_stop():
+                return
             try:
                 stage()
             except OSError as exc:
@@ -312,6 +317,8 @@ class Pipeline:
         )
         fragments: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
+            if self.should_stop():
+                return
             if row["kind"] == FRAGMENT:
                 self._guarded(partial(self._group_fragment, row, fragments), partial(self._quarantine_mails, [row]),
                               f"mail {row['id']}")
@@ -319,12 +326,16 @@ class Pipeline:
             self._guarded(partial(self._open, Path(row["spool_path"]), [row]), partial(self._quarantine_mails, [row]),
                           f"mail {row['id']}")
         for (sender, fragment_id), members in fragments.items():
+            if self.should_stop():
+                return
             self._guarded(partial(self._join, sender, fragment_id, members), partial(self._quarantine_mails, members),
                           f"fragments of mail {members[0]['id']}")
         if self.report_handler is not None:
             for row in self.db.query(
                 "SELECT * FROM inbound_mails WHERE status = 'stored' AND kind = ? ORDER BY id", (REPORT,)
             ):
+                if self.should_stop():
+                    return
                 self._guarded(partial(self._report, row), partial(self._quarantine_mails, [row]), f"mail {row['id']}")
 
     def _group_fragment(self, row: Any, groups: dict[tuple[str, str], list[Any]]) -> None:

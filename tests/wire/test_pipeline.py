@@ -167,3 +167,22 @@ def test_hostile_headers_do_not_stop_the_receiver(tmp_path: Path) -> None:
         assert not is_set_id(bad)
     assert is_set_id("2.25.123") and is_set_id("msg-ab12")
     db.close()
+
+
+def test_a_stopping_daemon_ends_intake_after_the_current_mail(
+    hospital_site: Site, receiving: tuple[Pipeline, Database, Path], ct_study: list[Path], tmp_path: Path
+) -> None:
+    pipeline, db, _out = receiving
+    packed = hospital_site.packer(PRACTICE, max_mail_size=1024**2).pack(scan(ct_study).files, tmp_path / "sent")
+    assert len(packed.mails) >= 3
+    _store(db, pipeline.spool, [m.path for m in packed.mails])
+
+    def processed() -> int:
+        return int(db.query("SELECT COUNT(*) AS n FROM inbound_mails WHERE status != 'stored'")[0]["n"])
+
+    pipeline.should_stop = lambda: processed() >= 1  # SIGTERM came while the first mail was decrypted
+    pipeline.run_intake()
+    assert processed() == 1
+    pipeline.should_stop = lambda: False  # the next start does the rest
+    pipeline.run_once()
+    assert _statuses(db) == {packed.set_id: "delivered"}
