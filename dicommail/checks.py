@@ -286,6 +286,15 @@ def _passphrase_hint(config: Config) -> str:
     return f"identity.passphrase_file names {path}: its first line must be the passphrase of this site's key"
 
 
+def recipient_problem(keyring: Keyring, address: str, now: datetime | None = None) -> DicommailError | None:
+    """Why nothing can be encrypted to ``address`` now (no key, not certified, expired...); None if it can."""
+    try:
+        _check_recipient(keyring, address, now or datetime.now(UTC))
+    except DicommailError as exc:
+        return exc
+    return None
+
+
 def _check_recipient(keyring: Keyring, address: str, now: datetime) -> str:
     key = find_key(keyring, address)
     if not key.certified:

@@ -42,7 +42,16 @@ from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import DicomFile, read_dicom_info
-from dicommail.errors import ConfigError, DicommailError, GatewayLockedError, TransportError
+from dicommail.errors import (
+    AmbiguousKeyError,
+    ConfigError,
+    DicommailError,
+    GatewayLockedError,
+    KeyNotFoundError,
+    PassphraseError,
+    RecipientKeyError,
+    TransportError,
+)
 from dicommail.gateway.ingest import (
     COMPLETE,
     FAILED,
@@ -54,7 +63,7 @@ from dicommail.gateway.ingest import (
     StudyTracker,
 )
 from dicommail.gateway.scp import StoreService
-from dicommail.sender.outbox import ClientFactory, next_attempt_due, queue_set, send_pending, sender_lock
+from dicommail.sender.outbox import ClientFactory, next_attempt_due, queue_set, retry_delay, send_pending, sender_lock
 from dicommail.sender.packing import pack_options, sender_address
 from dicommail.store.db import Database
 from dicommail.store.files import pid_lock
@@ -69,6 +78,10 @@ TICK = 0.5
 SHUTDOWN_GRACE = 10.0
 #: A study whose packing failed this many times in a row is marked failed instead of retried.
 MAX_PACK_ATTEMPTS = 5
+#: Packing failures that are this site's setup, not the study's: a missing or uncertified
+#: recipient key, a wrong passphrase, a route taken out of the config.  The PACS was told
+#: "success", so such a study is never given up: it waits, retried, until the admin fixes it.
+SETUP_ERRORS = (ConfigError, KeyNotFoundError, AmbiguousKeyError, RecipientKeyError, PassphraseError)
 
 
 @contextlib.contextmanager
@@ -164,6 +177,7 @@ class Gateway:
         self._jobs: dict[int, asyncio.Task[None]] = {}
         self._not_before: dict[int, float] = {}  # study -> when a failed packing may be tried again
         self._pack_failures: dict[int, int] = {}  # study -> packing attempts that failed in a row
+        self._setup_waits: dict[int, int] = {}  # study -> packing attempts stopped by this site's setup
         self._sending: set[int] = set()  # transfers a task is sending right now
         self._outbox_lock = _OutboxLock(config.spool / "outbox")
         self._retry_task: asyncio.Task[None] | None = None
@@ -194,6 +208,7 @@ class Gateway:
         gw = self.config.gateway
         log.info("listening on AE %s at %s port %d; routes: %s", gw.aet, gw.host, gw.port,
                  ", ".join(self.config.routes))
+        self._warn_unusable_routes()
         try:
             while not self.stop.is_set():
                 self._tick()
@@ -201,6 +216,17 @@ class Gateway:
                     await asyncio.wait_for(self.stop.wait(), timeout=TICK)
         finally:
             await self._shutdown()
+
+    def _warn_unusable_routes(self) -> None:
+        """Say at start-up which routes cannot send now: their studies are accepted, then wait."""
+        from dicommail.checks import recipient_problem  # check's module; only its key test is needed
+
+        for aet, route in self.config.routes.items():
+            for recipient in route.recipients:
+                problem = recipient_problem(self.keyring, recipient)
+                if problem is not None:
+                    log.error("route %s cannot send to %s: %s (%s); its studies are accepted and wait until "
+                              "this is fixed", aet, recipient, problem.message, problem.hint)
 
     def _tick(self) -> None:
         """One round of the loop's work; an error in it (a locked database, a full disk) is logged, not fatal."""
@@ -306,6 +332,16 @@ class Gateway:
     async def _study_job(self, study_id: int) -> None:
         try:
             transfer_ids = await asyncio.to_thread(self._pack_study, study_id)
+        except SETUP_ERRORS as exc:
+            waits = self._setup_waits.get(study_id, 0) + 1
+            self._setup_waits[study_id] = waits
+            retry = retry_delay(waits, float(self.config.gateway.send_interval))
+            log.error("study %d waits, not sent: %s (%s); it is kept (the PACS was told success) and tried "
+                      "again in %.0f s", study_id, exc.message, exc.hint, retry)
+            self._pack_failed(study_id, COMPLETE, exc.message)
+            self._not_before[study_id] = time.monotonic() + retry
+            self._ready.append(study_id)
+            return
         except Exception as exc:
             known = isinstance(exc, (DicommailError, OSError, sqlite3.Error))
             message = exc.message if isinstance(exc, DicommailError) else f"{type(exc).__name__}: {exc}"
@@ -320,6 +356,7 @@ class Gateway:
                           study_id, failures, message, hint, exc_info=not known)
                 if self._pack_failed(study_id, FAILED, f"packing failed {failures} times: {message}"):
                     self._pack_failures.pop(study_id, None)
+                    self._setup_waits.pop(study_id, None)
                     self._not_before.pop(study_id, None)
                     return
             retry = float(self.config.gateway.send_interval)
@@ -330,6 +367,7 @@ class Gateway:
             self._ready.append(study_id)
             return
         self._pack_failures.pop(study_id, None)
+        self._setup_waits.pop(study_id, None)
         self._not_before.pop(study_id, None)
         if self.stop.is_set():
             return  # queued: sent after the restart

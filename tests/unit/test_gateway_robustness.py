@@ -22,7 +22,7 @@ from pynetdicom.dsutils import split_dataset
 
 from dicommail.config import parse_config
 from dicommail.dicom import check_dicom_data, instance_number, read_dicom_info
-from dicommail.errors import InputError, NotDicomError
+from dicommail.errors import InputError, NotDicomError, PassphraseError, RecipientKeyError
 from dicommail.gateway import service
 from dicommail.gateway.ingest import COMPLETE, FAILED, SENT, Ingest, Instance, Stored, content_sha256
 from dicommail.gateway.scp import _study_uid
@@ -124,6 +124,37 @@ def test_packing_failures_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     state, error = status()
     assert state == FAILED and "not a readable DICOM file" in error
     assert gateway._ready == [] and len(attempts) == service.MAX_PACK_ATTEMPTS
+
+
+@pytest.mark.parametrize("error", [
+    RecipientKeyError("cannot encrypt to dr@practice.test: no such key", "import and certify their key"),
+    PassphraseError("wrong passphrase for the key 0123", "check identity.passphrase_file"),
+])
+def test_a_study_stopped_by_this_sites_setup_waits_and_is_never_given_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception) -> None:
+    # The PACS was told "success": giving the study up after a few minutes would lose it for good.
+    gateway, db = _gateway(tmp_path)
+    now = time.time()
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
+                     " first_received_at, last_received_at, updated_at) VALUES (1, 'DR', '1.2.3', ?, 1, 'PACS',"
+                     " '127.0.0.1', ?, ?, ?)", (COMPLETE, now, now, now))
+
+    def unusable(study_id: int) -> list[int]:
+        raise error
+
+    monkeypatch.setattr(gateway, "_pack_study", unusable)
+    waits = []
+    for _attempt in range(service.MAX_PACK_ATTEMPTS * 2):
+        before = time.monotonic()
+        with caplog.at_level(logging.ERROR, "dicommail.gateway"):
+            asyncio.run(gateway._study_job(1))
+        assert db.query("SELECT status FROM gateway_studies WHERE id = 1")[0]["status"] == COMPLETE
+        assert gateway._ready == [1]
+        gateway._ready.clear()
+        waits.append(gateway._not_before[1] - before)
+    assert "waits, not sent" in caplog.text and "tried again" in caplog.text
+    assert waits[1] > waits[0] * 1.5 and max(waits) <= 1800 + 1  # backing off, as mails do, up to 30 min
 
 
 def test_a_locked_database_does_not_end_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,3 +291,17 @@ def test_a_port_it_may_not_bind_names_the_capability(tmp_path: Path, monkeypatch
     finally:
         db.close()
     assert f":{port}: " in failed.value.message and says in failed.value.hint
+
+
+def test_start_up_names_the_routes_that_cannot_send(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from dicommail.crypto.gpg import Keyring
+
+    gateway, _db = _gateway(tmp_path)
+    gateway.keyring = Keyring(tmp_path / "gnupg")  # no key of dr@practice.test in it
+    try:
+        with caplog.at_level(logging.ERROR, "dicommail.gateway"):
+            gateway._warn_unusable_routes()
+    finally:
+        gateway.keyring.close()
+    assert "route DR cannot send to dr@practice.test" in caplog.text
+    assert "accepted and wait" in caplog.text
