@@ -34,6 +34,7 @@ from dicommail.constancy.values import MEDIA_TYPE as CONSTANCY_TYPE
 from dicommail.crypto.gpg import Keyring, Verification
 from dicommail.dicom import DicomFile, read_dicom_info
 from dicommail.errors import (
+    DestinationError,
     DicommailError,
     IncompleteSetError,
     InputError,
@@ -368,8 +369,10 @@ def _to_part(
                 f"the outer header {name} differs from the signed one inside the encryption",
                 "the mail was altered in transit; ask the sender to send it again",
             )
-    set_part = _int_header(inner, h.SETPART) or 1
-    set_total = _int_header(inner, h.SETTOTAL) or 1
+    # Absent means a mail of its own (1 of 1); a 0 that is there is no part of anything.
+    part_header, total_header = _int_header(inner, h.SETPART), _int_header(inner, h.SETTOTAL)
+    set_part = 1 if part_header is None else part_header
+    set_total = 1 if total_header is None else total_header
     if not set_id:
         # A single mail from a sender that does not use sets: it is its own set, named by
         # its signed content (not by the unsigned Message-ID), so a replay is the same set.
@@ -601,11 +604,41 @@ def _check_part_manifest(set_id: str, part: ReceivedPart) -> tuple[int, int]:
     return total_files, total_bytes
 
 
+#: Longest file name written, in UTF-8 bytes: below the 255 of Linux file systems, with room for "-<n>".
+MAX_NAME_BYTES = 200
+#: Names of dicommail's own files beside a set's files (dicommail-set.json...): a mail's file may not take one.
+RESERVED_PREFIX = "dicommail-"
+
+
 def safe_file_name(name: str, fallback: str) -> str:
-    """A plain file name: no directories, no traversal, no control characters."""
+    """A plain file name: no directories, no traversal, no control characters, at most 200 bytes.
+
+    A long name keeps its ending (``.dcm``, say) and is cut at a character
+    boundary: 200 characters of CJK script would be 600 bytes.
+    """
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = _UNSAFE_NAME.sub("_", base).strip().lstrip(".").strip()
-    return base[:200] if base else fallback
+    if not base:
+        return fallback
+    encoded = base.encode("utf-8", "surrogateescape")
+    if len(encoded) <= MAX_NAME_BYTES:
+        return base
+    stem, dot, suffix = base.rpartition(".")
+    ending = f"{dot}{suffix}".encode("utf-8", "surrogateescape") if dot and stem else b""
+    if len(ending) > 16:  # not an extension: cut the whole name
+        ending = b""
+    head = encoded[: MAX_NAME_BYTES - len(ending)].decode("utf-8", "ignore")
+    return head.rstrip() + ending.decode("utf-8", "surrogateescape")
+
+
+def _set_folder(verified: VerifiedSet, signers: list[str]) -> str:
+    """``<set id>``, or ``<set id>.<signer key id>`` for all but the first signer of a set ID in one job.
+
+    Two peers may use the same set ID; neither set may stand in for the other.
+    """
+    if signers and signers[0] != verified.signer.fingerprint:
+        return f"{verified.set_id}.{verified.signer.fingerprint[-16:]}"
+    return verified.set_id
 
 
 def write_set(verified: VerifiedSet, out_dir: Path, name: str = "") -> Path:
@@ -623,6 +656,7 @@ def write_set(verified: VerifiedSet, out_dir: Path, name: str = "") -> Path:
                  range(1, len(part.files) + 1)]
     if len(positions) != len(verified.files):
         positions = [f"file {number}" for number in range(1, len(verified.files) + 1)]
+    next_number: dict[str, int] = {}  # a name taken before -> the number its next copy tries first
     with scratch_dir(out_dir, ".dicommail-set-") as staging:
         receipt_files = []
         moved: list[Path] = []
@@ -635,11 +669,17 @@ def write_set(verified: VerifiedSet, out_dir: Path, name: str = "") -> Path:
                     f"set {verified.set_id} {position}: its file name was not safe to use and was changed "
                     "(dicommail-set.json beside the files lists both names)"
                 )
+            if name.lower().startswith(RESERVED_PREFIX):
+                name = f"_{name}"
             stem, dot, suffix = name.rpartition(".")
-            candidate, counter = name, 1
-            while candidate.lower() in used or candidate.lower().startswith("dicommail-"):
+            if not stem:
+                stem, dot, suffix = name, "", ""
+            candidate, counter = name, next_number.get(name.lower(), 1)
+            # Counting on from the last copy of the same name: 10,000 files of one name stay linear.
+            while candidate.lower() in used:
                 counter += 1
-                candidate = f"{stem}-{counter}{dot}{suffix}" if dot else f"{name}-{counter}"
+                candidate = f"{stem}-{counter}{dot}{suffix}"
+            next_number[name.lower()] = counter
             used.add(candidate.lower())
             shutil.move(item.path, staging / candidate)
             moved.append(staging / candidate)
@@ -853,6 +893,9 @@ def unpack_files(
                 for future in decrypting_ahead.values():
                     future.cancel()
 
+        signers: dict[str, list[str]] = {}  # set id -> its signers' fingerprints, in order
+        for signer, set_id in parts:
+            signers.setdefault(set_id, []).append(signer)
         for (_signer, set_id), members in parts.items():
             outcome = SetOutcome(
                 set_id=set_id,
@@ -863,9 +906,14 @@ def unpack_files(
             )
             try:
                 verified = verify_set(members)
-                outcome.directory = write_set(verified, out_dir)
+                outcome.directory = write_set(verified, out_dir, _set_folder(verified, signers[set_id]))
             except DicommailError as exc:
                 outcome.error = exc
+            except OSError as exc:
+                # Not the file's path: it ends in a name from the mail, which may name the patient.
+                outcome.error = DestinationError(
+                    f"cannot write set {set_id} to {out_dir}: {exc.strerror or type(exc).__name__}",
+                    f"check free space and write permission in {out_dir}, then unpack the set again")
             else:
                 outcome.ok = True
                 outcome.dicom_files = len(verified.dicom_files)

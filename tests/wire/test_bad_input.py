@@ -177,6 +177,30 @@ def test_hostile_file_names_stay_inside(
     assert any("not safe" in w for w in outcome.warnings)
 
 
+def test_reserved_long_and_repeated_file_names_are_renamed_and_kept(
+    hospital_site: Site, practice_site: Site, ct_study: list[Path], tmp_path: Path
+) -> None:
+    # A name of dicommail's own files once sent the renaming into an endless loop; a name of
+    # 190 CJK characters is 570 bytes, over the file system's 255; 40 copies of one name.
+    data = [p.read_bytes() for p in ct_study[:3]]
+    long_name = "SECRET^PATIENT_" + "\u65e5" * 190 + ".dcm"
+    parts = [dicom_part(data[0], "dicommail-set.json"), dicom_part(data[1], "dicommail-report.dcm"),
+             dicom_part(data[2], long_name)] + [dicom_part(data[i % 3], "same.dcm") for i in range(40)]
+    inner = inner_entity(parts, {"X-TELEMEDICINE-SETID": "2.25.778", "X-TELEMEDICINE-SETPART": "1",
+                                 "X-TELEMEDICINE-SETTOTAL": "1"})
+    mail = encrypted_mail(hospital_site, PRACTICE, inner, tmp_path / "names.eml")
+    report = _unpack(practice_site, [mail], tmp_path / "in")
+    assert report.ok, report.rejected
+    [outcome] = report.sets
+    assert outcome.directory is not None
+    names = {p.name for p in outcome.directory.iterdir()}
+    assert {"_dicommail-set.json", "_dicommail-report.dcm", "same.dcm", "same-2.dcm", "same-40.dcm"} <= names
+    assert "dicommail-set.json" in names  # the receipt, not a file from the mail
+    [cut] = [n for n in names if n.startswith("SECRET")]
+    assert cut.endswith(".dcm") and len(cut.encode()) <= 200
+    assert len(names) == 43 + 1
+
+
 def test_foreign_sender_without_manifest(
     hospital_site: Site, practice_site: Site, ct_study: list[Path], tmp_path: Path
 ) -> None:
@@ -252,3 +276,17 @@ def test_patient_data_never_in_outer_headers(hospital_site: Site, practice_site:
         assert directory is not None
         assert (directory / study[1].name).read_bytes() == study[1].read_bytes()
         assert not any("\n" in p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize(("part", "total"), [("0", "0"), ("0", "1"), ("1", "0")])
+def test_a_set_part_or_total_of_zero_is_malformed(
+    hospital_site: Site, practice_site: Site, ct_study: list[Path], tmp_path: Path, part: str, total: str
+) -> None:
+    inner = inner_entity([dicom_part(ct_study[0].read_bytes(), "a.dcm")],
+                         {"X-TELEMEDICINE-SETID": "2.25.779", "X-TELEMEDICINE-SETPART": part,
+                          "X-TELEMEDICINE-SETTOTAL": total})
+    mail = encrypted_mail(hospital_site, PRACTICE, inner, tmp_path / "zero.eml")
+    report = _unpack(practice_site, [mail], tmp_path / "in")
+    [(_, error)] = report.rejected
+    assert "out of range" in error.message
+    _nothing_written(tmp_path / "in")
