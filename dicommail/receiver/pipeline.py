@@ -37,11 +37,11 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from datetime import datetime
 from functools import partial
-from itertools import islice, product
+from itertools import chain, product
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -162,6 +162,47 @@ def as_item_error(exc: BaseException) -> DicommailError:
 def set_key(signer: str, set_id: str) -> str:
     """The spool directory name of one signer's set: path-safe whatever the set ID holds."""
     return hashlib.sha256(f"{signer}\0{set_id}".encode()).hexdigest()[:32]
+
+
+def _distinct_fragments(members: list[Any]) -> list[Any]:
+    """The fragments of a group without byte-identical copies (a resend, a mail server's duplicate).
+
+    Copies would multiply the combinations to try without adding one that could verify.
+    """
+    seen: set[tuple[int, str]] = set()
+    distinct = []
+    for member in sorted(members, key=lambda m: m["id"]):
+        try:
+            digest = hashlib.sha256(Path(member["spool_path"]).read_bytes()).hexdigest()
+        except OSError:
+            digest = f"unreadable-{member['id']}"  # tried as it is: opening it says what is wrong
+        if (member["fragment_number"], digest) not in seen:
+            seen.add((member["fragment_number"], digest))
+            distinct.append(member)
+    return distinct
+
+
+def _fragment_combinations(choices: list[list[Any]], tried_before: int) -> Iterator[tuple[Any, ...]]:
+    """At most :data:`MAX_FRAGMENT_COMBINATIONS` ways to pick one candidate per fragment number.
+
+    Only combinations with a fragment newer than ``tried_before`` (the last
+    round's newest) are new.  The newest candidates come first, then the
+    oldest: a genuine mail arriving after forgeries, or before them, is the
+    first or second try, however many numbers were forged.
+    """
+    newest_first = [sorted(candidates, key=lambda m: -m["id"]) for candidates in choices]
+    firsts = [tuple(c[0] for c in newest_first), tuple(c[-1] for c in newest_first)]
+    seen: set[tuple[int, ...]] = set()
+    yielded = 0
+    for combination in chain(firsts, product(*newest_first)):
+        key = tuple(m["id"] for m in combination)
+        if key in seen or max(key) <= tried_before:
+            continue
+        seen.add(key)
+        yield combination
+        yielded += 1
+        if yielded >= MAX_FRAGMENT_COMBINATIONS:
+            return
 
 
 class Pipeline:
@@ -369,10 +410,11 @@ class Pipeline:
         group = self.db.query("SELECT * FROM fragment_groups WHERE sender = ? AND fragment_id = ?",
                               (sender, fragment_id))
         newest = max(m["id"] for m in members)
-        if group and group[0]["tried_upto"] >= newest:
+        tried_before = int(group[0]["tried_upto"]) if group else 0
+        if tried_before >= newest:
             return  # these candidates failed before; wait for new ones
         by_number: dict[int, list[Any]] = {}
-        for member in members:
+        for member in _distinct_fragments(members):
             by_number.setdefault(member["fragment_number"], []).append(member)
         totals = sorted({m["fragment_total"] for m in members if m["fragment_total"]})
         last_error: DicommailError | None = None
@@ -381,7 +423,7 @@ class Pipeline:
             if any(n not in by_number for n in range(1, total + 1)):
                 continue
             choices = [by_number[n] for n in range(1, total + 1)]
-            for combination in islice(product(*choices), MAX_FRAGMENT_COMBINATIONS):
+            for combination in _fragment_combinations(choices, tried_before):
                 tried = True
                 error = self._try_fragments(fragment_id, list(combination))
                 if error is None:

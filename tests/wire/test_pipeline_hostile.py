@@ -340,6 +340,25 @@ def test_a_forged_fragment_does_not_block_the_genuine_mail(
     receiving.assert_no_plaintext()
 
 
+@pytest.mark.parametrize("forgeries_first", [True, False])
+def test_every_fragment_forged_still_lets_the_genuine_mail_through(
+    hospital_site: Site, receiving: Receiving, multiframe: Path, tmp_path: Path, forgeries_first: bool
+) -> None:
+    # One forgery per number makes 2^n combinations, more than are tried; resends add copies.
+    fragments = _pack(hospital_site, [multiframe], tmp_path / "h", max_mail_size=512 * 1024, compression_level=0)
+    assert len(fragments) >= 5
+    forged = [_forged_fragment(f, tmp_path / f"forged-{n}.eml") for n, f in enumerate(fragments)]
+    copies = [tmp_path / f"copy-{n}.eml" for n in range(len(fragments))]
+    for fragment, copy in zip(fragments, copies, strict=True):
+        copy.write_bytes(fragment.read_bytes())
+    first, second = (forged, fragments) if forgeries_first else (fragments, forged)
+    receiving.store(*first, *copies[:2])
+    receiving.store(*second, *copies[2:])
+    receiving.pipeline.run_once()
+    assert [s for _, s in receiving.sets()] == ["delivered"]
+    receiving.assert_no_plaintext()
+
+
 def test_fragments_of_two_senders_with_the_same_id_do_not_mix(
     hospital_site: Site, receiving: Receiving, multiframe: Path, tmp_path: Path
 ) -> None:
