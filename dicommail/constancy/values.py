@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
+from dicommail.dicom import read_dicom_info
 from dicommail.errors import InputError, WireFormatError
 from dicommail.wire.headers import is_uid
 
@@ -172,8 +173,36 @@ def _pixel_sha256(ds: Dataset) -> str:
     return ""
 
 
+#: A test image is read whole and its pixels decoded, so it is bounded (mails come from peers):
+#: its file, its data set once inflated (a deflated transfer syntax) and its decoded pixels.
+MAX_TEST_IMAGE = 256 * 1024**2
+
+
+class TooLargeError(InputError):
+    """A test image over :data:`MAX_TEST_IMAGE`: not read into memory."""
+
+
 def _read(path: Path) -> Dataset:
+    if path.stat().st_size > MAX_TEST_IMAGE:
+        raise TooLargeError("the test image is larger than 256 MiB")
+    # The bounded reader first: pydicom inflates a deflated data set whole, in memory.
+    read_dicom_info(path, "the test image", max_inflated=MAX_TEST_IMAGE)
     return pydicom.dcmread(path, force=False)
+
+
+def _decoded_size(ds: Dataset) -> int:
+    """The bytes ``ds.pixel_array`` would take, from the image header."""
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        frames = max(1, int(frames or 1))
+    except (TypeError, ValueError):
+        frames = 1
+    values = [ds.get(keyword, 0) for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
+    try:
+        rows, columns, samples, bits = (int(v or 0) for v in values)
+    except (TypeError, ValueError):
+        return 0
+    return rows * columns * max(1, samples) * frames * ((bits + 7) // 8)
 
 
 def expected_values(path: Path, entries: Sequence[str]) -> InstanceExpectation:
@@ -183,6 +212,8 @@ def expected_values(path: Path, entries: Sequence[str]) -> InstanceExpectation:
         ds = _read(path)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except TooLargeError as exc:
+        raise InputError(f"{path}: {exc.message}", "a constancy test data set needs smaller images") from exc
     except Exception as exc:  # pydicom raises many types for a damaged file
         raise InputError(f"{path} is not a DICOM file pydicom can read ({type(exc).__name__})",
                          "the test data set must be valid DICOM") from exc
@@ -213,6 +244,8 @@ def compare(path: Path, expected: InstanceExpectation, entries: Sequence[str]) -
     try:
         ds = _read(path)
         headers = _header_texts(ds, keywords)
+    except TooLargeError as exc:
+        return InstanceCheck(uid, False, (), False, f"the instance cannot be checked: {exc.message}")
     except Exception as exc:  # a damaged file must fail the check, not the receiver
         return InstanceCheck(uid, False, (), False, f"the instance cannot be read ({type(exc).__name__})")
     mismatched = tuple(k for k in keywords if headers.get(k, "") != expected.headers.get(k, ""))
@@ -224,6 +257,9 @@ def compare(path: Path, expected: InstanceExpectation, entries: Sequence[str]) -
     if actual != expected.pixel_sha256:
         quality_ok = False
         reasons.append("the pixel data differs from the sender's" if actual else "the pixel data is missing")
+    elif actual and _decoded_size(ds) > MAX_TEST_IMAGE:
+        quality_ok = False
+        reasons.append("the pixel data is too large to decode for the check (over 256 MiB)")
     elif actual:
         try:
             ds.pixel_array  # noqa: B018 - decoding is the check

@@ -397,3 +397,22 @@ def test_the_receipt_round_trips_and_hostile_receipts_are_refused() -> None:
             n.StatusReport.from_json(_status({**receipt, **change}))
     with pytest.raises(WireFormatError):
         n.StatusReport.from_json(_status(["not", "an", "object"]))
+
+
+def test_a_test_image_too_large_to_check_fails_the_check_without_being_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A peer's test set could hold a deflated object of 900 MiB in a 1 MiB mail: read whole by pydicom,
+    # then decoded, it took 1.9 GB.  Bounded like everything else from a mail.
+    from dicommail.samples import write_ct_study
+
+    [image] = write_ct_study(tmp_path / "ct", 1, 64)
+    expectation = expected_values(image, DEFAULT_HEADER_ENTRIES)
+    assert values.compare(image, expectation, DEFAULT_HEADER_ENTRIES).quality_ok
+    monkeypatch.setattr(values, "MAX_TEST_IMAGE", image.stat().st_size // 2)
+    check = values.compare(image, expectation, DEFAULT_HEADER_ENTRIES)
+    assert not check.quality_ok and "cannot be checked" in check.reason
+    monkeypatch.setattr(values, "MAX_TEST_IMAGE", image.stat().st_size + 1)  # the file fits, its pixels do not
+    monkeypatch.setattr(values, "_decoded_size", lambda _ds: image.stat().st_size + 2)
+    check = values.compare(image, expectation, DEFAULT_HEADER_ENTRIES)
+    assert not check.quality_ok and "too large to decode" in check.reason
