@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
+import signal
+import threading
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -29,6 +31,7 @@ from dicommail.cli.render import (
     json_printed,
     new_invocation,
     print_json,
+    raise_terminated,
     wants_json,
 )
 
@@ -268,6 +271,12 @@ def cli(ctx: click.Context) -> None:
     # this user only.  Restored when the command ends, for callers in-process.
     previous = os.umask(PRIVATE_UMASK)
     ctx.call_on_close(lambda: os.umask(previous))
+    # SIGTERM unwinds like Ctrl-C, so that no plaintext is left in scratch directories
+    # (the daemons put their own handlers in place: they finish the current step).
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     from dicommail.config import default_home
 
     home: Path | None = ctx.meta.get(_HOME_KEY)

@@ -152,6 +152,18 @@ def os_error(exc: OSError) -> DicommailError:
     return DicommailError(f"{exc.strerror or exc}{where}", "check the path and the disk")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd stopping a unit, ``timeout`` in a cron job), raised like Ctrl-C.
+
+    Unwinding runs every ``finally``: the scratch directories that hold
+    decrypted plaintext are removed instead of being left behind.
+    """
+
+
+def raise_terminated(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into a message, a hint and a non-zero exit."""
 
@@ -164,11 +176,12 @@ def handle_errors(func: F) -> F:
             fail(exc, as_json=bool(kwargs.get("as_json")))
         except OSError as exc:
             fail(os_error(exc), as_json=bool(kwargs.get("as_json")))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            word, status = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
             if kwargs.get("as_json") and not json_printed():
-                print_json({"ok": False, "error": {"code": "interrupted", "message": "interrupted", "hint": ""}})
-            info("interrupted")
-            raise SystemExit(130) from None
+                print_json({"ok": False, "error": {"code": word, "message": word, "hint": ""}})
+            info(word)
+            raise SystemExit(status) from None
 
     return wrapper  # type: ignore[return-value]
 

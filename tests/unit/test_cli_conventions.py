@@ -396,3 +396,41 @@ def test_man_renders_the_pages_without_warnings(tmp_path: Path) -> None:
     shown = subprocess.run(["man", "-l", str(tmp_path / "dicommail-status.1")], capture_output=True, text=True,
                            check=False, env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}).stdout
     assert "--since TEXT" in re.sub(".\b", "", shown)
+
+
+_SLEEPY = """
+import sys, time
+from pathlib import Path
+import click
+from dicommail.cli import cli
+from dicommail.cli.render import handle_errors
+from dicommail.store.files import scratch_dir
+
+@click.command("sleepy")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def sleepy(as_json: bool) -> None:
+    with scratch_dir(Path(sys.argv[1]), ".dicommail-work-") as work:
+        (work / "decrypted.dcm").write_text("plaintext")
+        print("ready", flush=True)
+        time.sleep(60)
+
+cli.add_command(sleepy)
+cli(["sleepy", *sys.argv[2:]], prog_name="dicommail")
+"""
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_sigterm_unwinds_a_command_and_removes_its_plaintext(tmp_path: Path, as_json: bool) -> None:
+    # cron's `timeout` and systemd send SIGTERM: scratch directories with decrypted data must go.
+    child = subprocess.Popen([sys.executable, "-c", _SLEEPY, str(tmp_path), *(["--json"] if as_json else [])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    child.terminate()
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 143, err
+    assert list(tmp_path.iterdir()) == []
+    assert "terminated" in err
+    if as_json:
+        assert json.loads(out)["error"]["code"] == "terminated"
