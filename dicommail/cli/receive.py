@@ -41,6 +41,8 @@ def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) ->
         out.print(f"sets: {summary}; quarantined mails: {report.quarantined}", markup=False)
     if report.fetch_error is not None:
         raise report.fetch_error  # on stderr; the JSON document above already says ok=false and why
+    if report.processing_error is not None:
+        raise report.processing_error  # a timer's unit fails: `systemctl --failed` shows it
 
 
 COMMANDS: list[click.Command] = [receive]

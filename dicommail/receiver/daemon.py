@@ -61,6 +61,8 @@ class CycleReport:
     """
 
     fetch_error: DicommailError | None = None
+    #: A processing stage that stopped for a reason outside any one mail (wrong passphrase, full disk).
+    processing_error: DicommailError | None = None
     sets: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
     #: Acknowledgements sent back to senders in this cycle.
@@ -70,8 +72,8 @@ class CycleReport:
 
     @property
     def ok(self) -> bool:
-        """True if fetching worked (processing problems are recorded per set, not here)."""
-        return self.fetch_error is None
+        """True if fetching and every processing stage worked (a bad mail is recorded per set, not here)."""
+        return self.fetch_error is None and self.processing_error is None
 
     def to_json(self) -> dict[str, Any]:
         """The document ``dicommail receive --once --json`` prints."""
@@ -80,6 +82,7 @@ class CycleReport:
             "sets": dict(self.sets),
             "quarantined_mails": self.quarantined,
             "fetch_error": self.fetch_error.message if self.fetch_error else None,
+            "processing_error": self.processing_error.message if self.processing_error else None,
         }
 
 
@@ -274,6 +277,9 @@ class Receiver:
         if wait_for_forwarding:
             await self.finish_forwarding()
         await self._send_outgoing(report)
+        # (In the daemon a forwarding round may still run: what it stops for comes with the next cycle.)
+        stopped = self.pipeline.take_stage_errors()
+        report.processing_error = stopped[0] if stopped else None
         for row in self.db.query("SELECT status, COUNT(*) AS n FROM inbound_sets GROUP BY status"):
             report.sets[row["status"]] = row["n"]
         report.quarantined = self.db.query(

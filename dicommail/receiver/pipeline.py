@@ -35,6 +35,7 @@ import json
 import logging
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -254,6 +255,9 @@ class Pipeline:
         #: Asked between items: a daemon that is stopping finishes the current mail, part or set only.
         self.should_stop: Callable[[], bool] = lambda: False
         self._forward_attempts = 0  # parts and sets tried (delivered, failed or put off)
+        #: Stages that stopped for a reason outside any one mail (see :meth:`take_stage_errors`).
+        self.stage_errors: list[DicommailError] = []
+        self._errors_lock = threading.Lock()  # intake and forwarding run in two threads
         #: Called (from the intake thread) when a part or set is ready to forward: the daemon starts forwarding.
         self.on_ready: Callable[[], None] = lambda: None
 
@@ -297,19 +301,36 @@ class Pipeline:
             except OSError as exc:
                 log.error("%s stopped: %s (%s); it is retried in the next cycle", stage.__name__,
                           exc.strerror or exc, exc.filename or "-")
+                self._stopped(StateError(f"{stage.__name__} stopped: {exc.strerror or exc}",
+                                         "check the spool's disk; retried in the next cycle"))
                 return
             except (sqlite3.Error, StateError) as exc:
                 log.error("%s stopped: state database error %s; it is retried in the next cycle", stage.__name__, exc)
+                self._stopped(StateError(f"{stage.__name__} stopped: state database error {exc}",
+                                         "retried in the next cycle"))
                 return
             except (PassphraseError, ConfigError) as exc:
                 log.error("%s stopped: %s (%s); mails wait and are retried in the next cycle", stage.__name__,
                           exc.message, exc.hint)
+                self._stopped(exc)
                 return
             except Exception as exc:
                 # A fault outside any one item (a bug): the other stages still run, the daemon lives on.
                 log.error("%s failed unexpectedly (%s); it is retried in the next cycle", stage.__name__,
                           type(exc).__name__)
                 log.debug("%s failed", stage.__name__, exc_info=exc)
+                self._stopped(StateError(f"{stage.__name__} failed unexpectedly ({type(exc).__name__})",
+                                         "see the log; retried in the next cycle"))
+
+    def _stopped(self, error: DicommailError) -> None:
+        with self._errors_lock:
+            self.stage_errors.append(error)
+
+    def take_stage_errors(self) -> list[DicommailError]:
+        """The stages that stopped since the last call (a wrong passphrase, a full disk): ``receive --once`` fails."""
+        with self._errors_lock:
+            errors, self.stage_errors = self.stage_errors, []
+        return errors
 
     def _guarded(self, action: Callable[[], T], on_error: Callable[[DicommailError], None], what: str) -> T | None:
         """Run one item's step, returning its result; any failure but the machine's quarantines the item

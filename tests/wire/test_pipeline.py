@@ -186,3 +186,24 @@ def test_a_stopping_daemon_ends_intake_after_the_current_mail(
     pipeline.should_stop = lambda: False  # the next start does the rest
     pipeline.run_once()
     assert _statuses(db) == {packed.set_id: "delivered"}
+
+
+def test_a_stage_stopped_by_a_wrong_passphrase_fails_the_cycle(
+    receiving: tuple[Pipeline, Database, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `receive --once` from a timer must fail (exit 1, ok=false), not report success while mails wait.
+    from dicommail.errors import PassphraseError
+    from dicommail.receiver.daemon import CycleReport
+
+    pipeline, _db, _out = receiving
+
+    def locked_key() -> None:
+        raise PassphraseError("wrong passphrase for the key 0123", "check identity.passphrase_file")
+
+    monkeypatch.setattr(pipeline, "process_stored", locked_key)
+    pipeline.run_once()
+    [error] = pipeline.take_stage_errors()
+    assert isinstance(error, PassphraseError)
+    assert pipeline.take_stage_errors() == []  # taken once
+    report = CycleReport(processing_error=error)
+    assert not report.ok and report.to_json()["processing_error"] == "wrong passphrase for the key 0123"
