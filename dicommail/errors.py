@@ -199,3 +199,10 @@ class UnexpectedError(DicommailError):
 
     code = "error"
     detail: str = ""
+
+
+#: Failures that are this site's own setup, not the item at hand: its key missing or ambiguous, a
+#: wrong passphrase, a config that no longer fits.  The same for every item until the admin fixes
+#: it, so nothing is given up for them: the work waits and is tried again.
+SETUP_ERRORS: tuple[type[DicommailError], ...] = (ConfigError, KeyNotFoundError, AmbiguousKeyError, PassphraseError)
+

@@ -43,12 +43,10 @@ from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import DicomFile, read_dicom_info
 from dicommail.errors import (
-    AmbiguousKeyError,
+    SETUP_ERRORS,
     ConfigError,
     DicommailError,
     GatewayLockedError,
-    KeyNotFoundError,
-    PassphraseError,
     RecipientKeyError,
     TransportError,
 )
@@ -81,7 +79,7 @@ MAX_PACK_ATTEMPTS = 5
 #: Packing failures that are this site's setup, not the study's: a missing or uncertified
 #: recipient key, a wrong passphrase, a route taken out of the config.  The PACS was told
 #: "success", so such a study is never given up: it waits, retried, until the admin fixes it.
-SETUP_ERRORS = (ConfigError, KeyNotFoundError, AmbiguousKeyError, RecipientKeyError, PassphraseError)
+PACKING_SETUP_ERRORS: tuple[type[DicommailError], ...] = (*SETUP_ERRORS, RecipientKeyError)
 
 
 @contextlib.contextmanager
@@ -332,7 +330,7 @@ class Gateway:
     async def _study_job(self, study_id: int) -> None:
         try:
             transfer_ids = await asyncio.to_thread(self._pack_study, study_id)
-        except SETUP_ERRORS as exc:
+        except PACKING_SETUP_ERRORS as exc:
             waits = self._setup_waits.get(study_id, 0) + 1
             self._setup_waits[study_id] = waits
             retry = retry_delay(waits, float(self.config.gateway.send_interval))

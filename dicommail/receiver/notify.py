@@ -30,6 +30,7 @@ from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.errors import (
+    SETUP_ERRORS,
     AuthenticationError,
     ConfigError,
     DestinationError,
@@ -341,6 +342,12 @@ class Notifier:
                 for row in rows:
                     try:
                         path = self._built(row)
+                    except SETUP_ERRORS as exc:
+                        # This site's key or passphrase, not the notification: the same for every
+                        # row, fixed by the admin.  Nothing is given up; the next cycle tries again.
+                        log.error("notifications wait, not sent: %s (%s); tried again in the next cycle",
+                                  exc.message, exc.hint)
+                        return sent
                     except DicommailError as exc:
                         self._give_up(row, f"cannot build the notification: {exc.message}")
                         continue

@@ -104,6 +104,25 @@ def test_a_sent_notification_file_is_removed(tmp_path: Path) -> None:
     assert row["status"] == SENT and row["path"] == str(path)
 
 
+def test_a_notification_waits_while_this_sites_passphrase_is_wrong(tmp_path: Path, monkeypatch: Any) -> None:
+    # Marked failed at the first try, it was never rebuilt once the admin fixed the passphrase file.
+    from dicommail.errors import PassphraseError
+
+    notifier, db = _notifier(tmp_path)
+    _verify(notifier, db, 1)
+    client = _Client()
+
+    def locked(_row: object) -> Path:
+        raise PassphraseError("wrong passphrase for the key 0123", "check identity.passphrase_file")
+
+    monkeypatch.setattr(notifier, "_built", locked)
+    assert asyncio.run(notifier.send_due(lambda: client)) == 0  # type: ignore[arg-type, return-value]
+    assert [r["status"] for r in db.query("SELECT status FROM notifications")] == [PENDING]
+    monkeypatch.undo()  # fixed
+    assert asyncio.run(notifier.send_due(lambda: client)) == 1  # type: ignore[arg-type, return-value]
+    assert [r["status"] for r in db.query("SELECT status FROM notifications")] == [SENT]
+
+
 # -- the sender ------------------------------------------------------------------------------------
 
 
