@@ -22,11 +22,26 @@ import ipaddress
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -51,14 +66,33 @@ CANNOT_UNDERSTAND = 0xC000
 _REJECT_PERMANENT, _SERVICE_USER = 0x01, 0x01
 _CALLING_AET_NOT_RECOGNISED, _CALLED_AET_NOT_RECOGNISED, _NO_REASON = 0x03, 0x07, 0x01
 
+#: The transfer syntaxes that keep every pixel: the first choice when a PACS offers one of them.
+_LOSSLESS = [str(uid) for uid in (JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless,
+                                  JPEG2000MCLossless, HTJ2KLossless, HTJ2KLosslessRPCL, RLELossless)]
+_UNCOMPRESSED = [str(uid) for uid in (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                                      ImplicitVRLittleEndian)]
+
 #: Every transfer syntax pydicom knows, the compressed ones included: objects are stored as received.
-TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
+#: pynetdicom accepts, of those a PACS offers in one presentation context, the first in this list.
+#: Lossless compression first (a PACS that offers it holds the image so, or can make it: mails stay
+#: small, no pixel changes), then uncompressed (Implicit VR last: it loses private elements' VRs),
+#: lossy ones last: taken only when offered alone, i.e. when the image is lossy already.
+TRANSFER_SYNTAXES = [*_LOSSLESS, *_UNCOMPRESSED,
+                     *(str(uid) for uid in AllTransferSyntaxes if str(uid) not in {*_LOSSLESS, *_UNCOMPRESSED})]
 
 #: Seconds an association's pynetdicom reactor (its DUL thread) sleeps when its socket had
 #: nothing to read; pynetdicom's default is 1 ms.  Each receiving association waits for it
 #: between the PDUs of a large object and before sending each C-STORE answer; the price is
 #: CPU while an association is open and idle (see benchmarks/gateway_ingest.py --idle).
 DUL_POLL_DELAY = 0.0002
+
+
+#: Associations served at once; a PACS asking for one more is rejected ("local limit exceeded") and retries.
+MAX_ASSOCIATIONS = 16
+#: Seconds a new connection has to send its association request (and the peer to answer a release).
+ASSOCIATION_REQUEST_TIMEOUT = 5.0
+#: Seconds between two log lines about associations rejected for the limit.
+_LIMIT_LOG_INTERVAL = 60.0
 
 
 class _SharedContexts(list[Any]):
@@ -121,7 +155,11 @@ def storage_server(aet: str, address: tuple[str, int], handlers: list[Any]) -> t
     ae = AE(ae_title=aet)
     # Called AE titles are checked by the caller's policy (the gateway: each route is an AE title).
     ae.require_called_aet = False
-    ae.maximum_associations = 16
+    ae.maximum_associations = MAX_ASSOCIATIONS
+    # A connection that sends no association request (a port scan, a load balancer's health
+    # check) holds one of those places until this runs out: pynetdicom's 30 s let 16 probes
+    # lock every PACS out for half a minute.  PACSs send their request at once.
+    ae.acse_timeout = ASSOCIATION_REQUEST_TIMEOUT
     ae.maximum_pdu_size = 0  # no limit: the peer sends PDVs as large as it likes
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
@@ -163,6 +201,7 @@ class StoreService:
         self.server: ThreadedAssociationServer | None = None
         self.ae: AE | None = None
         self._implementation = ("", "")  # the AE's implementation class UID and version name
+        self._limit_logged = -_LIMIT_LOG_INTERVAL  # when a rejection for the association limit was last logged
 
     # -- server ------------------------------------------------------------------
 
@@ -211,6 +250,16 @@ class StoreService:
         calling = str(request.calling_ae_title).strip()
         peer = str(assoc.requestor.address)
         reason = None
+        if self.active_associations() > MAX_ASSOCIATIONS:
+            # pynetdicom rejects it next; said here, or a PACS locked out would leave no trace.
+            now = time.monotonic()
+            with self._lock:
+                due, self._limit_logged = now - self._limit_logged >= _LIMIT_LOG_INTERVAL, now
+            if due:
+                log.warning("rejected association from %s@%s to %s: %d associations are open, the most the "
+                            "gateway serves at once; the sender retries later (logged once a minute)",
+                            calling, peer, called, MAX_ASSOCIATIONS)
+            return
         if not address_allowed(peer, self.gateway.allowed_addresses):
             reason, diagnostic = f"address {peer} not in gateway.allowed_addresses", _NO_REASON
         elif self.gateway.allowed_calling_aets and calling not in self.gateway.allowed_calling_aets:

@@ -305,3 +305,34 @@ def test_start_up_names_the_routes_that_cannot_send(tmp_path: Path, caplog: pyte
         gateway.keyring.close()
     assert "route DR cannot send to dr@practice.test" in caplog.text
     assert "accepted and wait" in caplog.text
+
+
+@pytest.mark.parametrize(("proposed", "accepted"), [
+    (["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"], "1.2.840.10008.1.2.4.90"),
+    (["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"], "1.2.840.10008.1.2.1"),
+    (["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"], "1.2.840.10008.1.2.1"),  # never lossy when offered more
+    (["1.2.840.10008.1.2.4.50"], "1.2.840.10008.1.2.4.50"),  # the image is lossy already: kept so
+])
+def test_a_pacs_offering_several_transfer_syntaxes_gets_the_lossless_compressed_one_first(
+        proposed: list[str], accepted: str) -> None:
+    # With pydicom's order (Implicit VR first) a PACS holding JPEG 2000 had to decompress: mails 3.6x larger.
+    from pynetdicom import AE
+
+    from dicommail.gateway.scp import ASSOCIATION_REQUEST_TIMEOUT, storage_server
+    from testbed.ports import free_ports
+
+    port = free_ports(1)[0]
+    ae, server = storage_server("GW", ("127.0.0.1", port), [])
+    try:
+        assert ae.acse_timeout == ASSOCIATION_REQUEST_TIMEOUT  # a silent connection frees its place soon
+        scu = AE(ae_title="PACS")
+        scu.add_requested_context(CT, proposed)
+        assoc = scu.associate("127.0.0.1", port, ae_title="GW")
+        assert assoc.is_established
+        try:
+            [context] = assoc.accepted_contexts
+            assert context.transfer_syntax[0] == accepted
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
