@@ -42,14 +42,7 @@ from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
 from dicommail.dicom import DicomFile, read_dicom_info
-from dicommail.errors import (
-    SETUP_ERRORS,
-    ConfigError,
-    DicommailError,
-    GatewayLockedError,
-    RecipientKeyError,
-    TransportError,
-)
+from dicommail.errors import ConfigError, DicommailError, GatewayLockedError, InputError, TransportError
 from dicommail.gateway.ingest import (
     COMPLETE,
     FAILED,
@@ -74,12 +67,8 @@ log = logging.getLogger("dicommail.gateway")
 TICK = 0.5
 #: On SIGTERM, associations in progress get this long to finish before they are aborted.
 SHUTDOWN_GRACE = 10.0
-#: A study whose packing failed this many times in a row is marked failed instead of retried.
+#: A study whose objects failed packing this many times in a row is marked failed instead of retried.
 MAX_PACK_ATTEMPTS = 5
-#: Packing failures that are this site's setup, not the study's: a missing or uncertified
-#: recipient key, a wrong passphrase, a route taken out of the config.  The PACS was told
-#: "success", so such a study is never given up: it waits, retried, until the admin fixes it.
-PACKING_SETUP_ERRORS: tuple[type[DicommailError], ...] = (*SETUP_ERRORS, RecipientKeyError)
 
 
 @contextlib.contextmanager
@@ -330,39 +319,38 @@ class Gateway:
     async def _study_job(self, study_id: int) -> None:
         try:
             transfer_ids = await asyncio.to_thread(self._pack_study, study_id)
-        except PACKING_SETUP_ERRORS as exc:
-            waits = self._setup_waits.get(study_id, 0) + 1
-            self._setup_waits[study_id] = waits
-            retry = retry_delay(waits, float(self.config.gateway.send_interval))
-            log.error("study %d waits, not sent: %s (%s); it is kept (the PACS was told success) and tried "
-                      "again in %.0f s", study_id, exc.message, exc.hint, retry)
-            self._pack_failed(study_id, COMPLETE, exc.message)
-            self._not_before[study_id] = time.monotonic() + retry
-            self._ready.append(study_id)
-            return
-        except Exception as exc:
-            known = isinstance(exc, (DicommailError, OSError, sqlite3.Error))
-            message = exc.message if isinstance(exc, DicommailError) else f"{type(exc).__name__}: {exc}"
-            hint = exc.hint if isinstance(exc, DicommailError) else "check the spool's disk"
-            # The spool's disk or database failing is this site's trouble, tried again until it is fixed;
-            # anything else (an object that cannot be packed, a key gpg refuses) has a bounded number of tries.
-            transient = isinstance(exc, (OSError, sqlite3.Error))
-            failures = self._pack_failures.get(study_id, 0) + (0 if transient else 1)
+        except InputError as exc:
+            # The study's own objects (unreadable, damaged): a bounded number of tries.
+            failures = self._pack_failures.get(study_id, 0) + 1
             self._pack_failures[study_id] = failures
             if failures >= MAX_PACK_ATTEMPTS:
                 log.error("study %d: packing failed %d times, giving up: %s (%s); the study is marked failed",
-                          study_id, failures, message, hint, exc_info=not known)
-                if self._pack_failed(study_id, FAILED, f"packing failed {failures} times: {message}"):
+                          study_id, failures, exc.message, exc.hint)
+                if self._pack_failed(study_id, FAILED, f"packing failed {failures} times: {exc.message}"):
                     self._pack_failures.pop(study_id, None)
                     self._setup_waits.pop(study_id, None)
                     self._not_before.pop(study_id, None)
                     return
             retry = float(self.config.gateway.send_interval)
             log.error("study %d: packing failed (%d of %d failures allowed): %s (%s); trying again in %.0f s",
-                      study_id, failures, MAX_PACK_ATTEMPTS, message, hint, retry, exc_info=not known)
-            self._pack_failed(study_id, COMPLETE, message)
-            self._not_before[study_id] = time.monotonic() + retry
-            self._ready.append(study_id)
+                      study_id, failures, MAX_PACK_ATTEMPTS, exc.message, exc.hint, retry)
+            self._retry_packing(study_id, exc.message, retry)
+            return
+        except Exception as exc:
+            # Anything else is this site's to fix or passes by itself: a missing or uncertified key,
+            # a wrong passphrase, a full disk (gpg's ENOSPC comes as a CryptoError), the database.
+            # The PACS was told "success", so the study is never given up: it waits, retried with
+            # the mails' back-off, until the cause is gone.
+            known = isinstance(exc, (DicommailError, OSError, sqlite3.Error))
+            message = exc.message if isinstance(exc, DicommailError) else (
+                f"{getattr(exc, 'strerror', None) or type(exc).__name__}" if known else f"{type(exc).__name__}: {exc}")
+            hint = exc.hint if isinstance(exc, DicommailError) else "check the spool's disk and the log"
+            waits = self._setup_waits.get(study_id, 0) + 1
+            self._setup_waits[study_id] = waits
+            retry = retry_delay(waits, float(self.config.gateway.send_interval))
+            log.error("study %d waits, not sent: %s (%s); it is kept (the PACS was told success) and tried "
+                      "again in %.0f s", study_id, message, hint, retry, exc_info=not known)
+            self._retry_packing(study_id, message, retry)
             return
         self._pack_failures.pop(study_id, None)
         self._setup_waits.pop(study_id, None)
@@ -370,6 +358,11 @@ class Gateway:
         if self.stop.is_set():
             return  # queued: sent after the restart
         await self._send(transfer_ids)
+
+    def _retry_packing(self, study_id: int, message: str, after: float) -> None:
+        self._pack_failed(study_id, COMPLETE, message)
+        self._not_before[study_id] = time.monotonic() + after
+        self._ready.append(study_id)
 
     def _pack_failed(self, study_id: int, status: str, message: str) -> bool:
         """Record a failed packing; False if even that failed (the database is locked, say)."""

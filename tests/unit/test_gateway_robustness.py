@@ -22,7 +22,7 @@ from pynetdicom.dsutils import split_dataset
 
 from dicommail.config import parse_config
 from dicommail.dicom import check_dicom_data, instance_number, read_dicom_info
-from dicommail.errors import InputError, NotDicomError, PassphraseError, RecipientKeyError
+from dicommail.errors import CryptoError, InputError, NotDicomError, PassphraseError, RecipientKeyError
 from dicommail.gateway import service
 from dicommail.gateway.ingest import COMPLETE, FAILED, SENT, Ingest, Instance, Stored, content_sha256
 from dicommail.gateway.scp import _study_uid
@@ -129,6 +129,8 @@ def test_packing_failures_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("error", [
     RecipientKeyError("cannot encrypt to dr@practice.test: no such key", "import and certify their key"),
     PassphraseError("wrong passphrase for the key 0123", "check identity.passphrase_file"),
+    CryptoError("signing and encrypting failed: write error: No space left on device", "free disk space"),
+    OSError(28, "No space left on device"),
 ])
 def test_a_study_stopped_by_this_sites_setup_waits_and_is_never_given_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception) -> None:
