@@ -12,6 +12,7 @@ import errno
 import fcntl
 import functools
 import shlex
+import shutil
 import socket
 import stat
 import tempfile
@@ -44,7 +45,7 @@ class CheckResult:
     ``name`` is for people ("key of a@b.example"); ``id`` is for scripts and
     stays the same across versions and languages: "config", "file-modes",
     "own-key", "signing", "peer-key:<address>" (or "peer-key" when no peer
-    is named), "smtp", "mailbox", "pacs", "gateway", "acknowledgements".
+    is named), "smtp", "mailbox", "pacs", "spool-space", "gateway", "acknowledgements".
     Without an ``id`` the name is the id (as for "config").
 
     ``status`` is "ok", "warning" (passes, but should be fixed), "failed" or
@@ -132,6 +133,7 @@ def run_checks(config: Config, *, now: datetime | None = None) -> list[CheckResu
         results.append(_skipped("mailbox", mailbox_name, "add [mailbox] (the account this site's mail arrives in) "
                                                          "to receive studies and acknowledgements"))
     results.append(_pacs_result(config))
+    results.append(_run("spool-space", "spool free space", lambda: _check_spool_space(config)))
     # `dicommail init` writes a [gateway] table of defaults into every home: only routes or
     # a changed setting say this site means to run one (a receiving site must not fail here).
     if config.routes or config.gateway != GatewayConfig():
@@ -367,6 +369,26 @@ def _check_pacs(config: Config) -> str:
     return f"{pacs.called_aet}@{pacs.host}:{pacs.port} from {pacs.calling_aet} in {seconds * 1000:.0f} ms"
 
 
+def _check_spool_space(config: Config) -> str | _Outcome:
+    """Below retention.min_free_space the gateway refuses every instance and the receiver fetches nothing."""
+    from dicommail.config import format_size
+    from dicommail.site.operations import free_space_short
+
+    minimum = config.retention.min_free_space
+    short = free_space_short(config.spool, minimum)
+    if short is not None:
+        return _Outcome("failed", f"the spool's file system has {format_size(short)} free, below "
+                                  f"retention.min_free_space ({format_size(minimum)}): the gateway answers every "
+                                  "instance 'out of resources' and the receiver fetches no mail",
+                        f"free disk space (see `dicommail --home {shlex.quote(str(config.home))} cleanup "
+                        "--dry-run`) or lower retention.min_free_space")
+    probe = config.spool
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = format_size(shutil.disk_usage(probe).free)
+    return f"{free} free" + (f" (at least {format_size(minimum)} kept free)" if minimum else "")
+
+
 # -- gateway -------------------------------------------------------------------------------------------------
 
 
@@ -388,7 +410,41 @@ def _check_gateway(config: Config, peer_keys: dict[str, CheckResult]) -> str | _
                         "; ".join(dict.fromkeys(p.hint for p in problems if p.hint)))
     # AE titles were checked when the config was read: an invalid one is a config error.
     routes = f"AE {config.gateway.aet}, routes {', '.join(config.routes)}"
+    studies = _gateway_studies(config)
+    if studies is not None:
+        return studies
     return _Outcome(port.status, f"{port.detail}; {routes}", port.hint)
+
+
+#: A failed gateway study is reported by `check` for this long (it needs the PACS to send it again).
+_FAILED_STUDY_DAYS = 7
+
+
+def _gateway_studies(config: Config) -> _Outcome | None:
+    """Studies the PACS was told "success" for that wait (a key, a full disk) or failed lately; None if none."""
+    if not config.state_db.exists():
+        return None
+    import time
+
+    from dicommail.store.db import Database
+
+    db = Database(config.state_db)
+    try:
+        waiting = db.query("SELECT id, error FROM gateway_studies WHERE status = 'complete' AND error IS NOT NULL"
+                           " ORDER BY id")
+        failed = db.query("SELECT id, error FROM gateway_studies WHERE status = 'failed' AND updated_at >= ?"
+                          " ORDER BY id", (time.time() - _FAILED_STUDY_DAYS * 86400,))
+    finally:
+        db.close()
+    if failed:
+        return _Outcome("failed", f"{len(failed)} gateway stud{'y' if len(failed) == 1 else 'ies'} failed in the "
+                                  f"last {_FAILED_STUDY_DAYS} days (study {failed[0]['id']}: {failed[0]['error']})",
+                        "send them again from the PACS; `dicommail logs` says why they failed")
+    if waiting:
+        return _Outcome("warning", f"{len(waiting)} gateway stud{'y' if len(waiting) == 1 else 'ies'} wait to be "
+                                   f"sent (study {waiting[0]['id']}: {waiting[0]['error']})",
+                        "fix the cause; the gateway tries again by itself")
+    return None
 
 
 def _gateway_port(config: Config) -> _Outcome:

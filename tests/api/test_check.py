@@ -32,8 +32,8 @@ from tests.conftest import HOSPITAL, PRACTICE, short_tempdir
 HOSPITAL_FPR = "D987F63BE6EEDADA7C045B52B064BE7DE85BB33C"
 PRACTICE_FPR = "CED3BF8052951E39C4F657EB8FEA58087B8988DF"
 #: Every row, in order, of a home that names no peer.
-ALL_IDS = ["config", "file-modes", "own-key", "signing", "peer-key", "smtp", "mailbox", "pacs", "gateway",
-           "acknowledgements"]
+ALL_IDS = ["config", "file-modes", "own-key", "signing", "peer-key", "smtp", "mailbox", "pacs", "spool-space",
+           "gateway", "acknowledgements"]
 
 
 @pytest.fixture
@@ -78,7 +78,8 @@ def test_every_check_has_a_row_even_when_nothing_is_configured(hospital_home: Pa
     assert [r.id for r in results] == ALL_IDS
     status = {r.id: r.status for r in results}
     assert status == {"config": "ok", "file-modes": "skipped", "own-key": "ok", "signing": "ok", "peer-key": "skipped",
-                      "smtp": "skipped", "mailbox": "skipped", "pacs": "skipped", "gateway": "skipped",
+                      "smtp": "skipped", "mailbox": "skipped", "pacs": "skipped", "spool-space": "ok",
+                      "gateway": "skipped",
                       "acknowledgements": "skipped"}
     assert all(r.ok for r in results)
     skipped = [r for r in results if r.status == "skipped"]
@@ -103,7 +104,7 @@ def test_json_is_one_document_with_stable_ids_and_both_states(hospital_home: Pat
     entries = document["checks"]
     assert [e["id"] for e in entries] == [
         "config", "file-modes", "own-key", "signing", "peer-key:nobody@example.org", f"peer-key:{PRACTICE}",
-        "smtp", "mailbox", "pacs", "gateway", "acknowledgements"]
+        "smtp", "mailbox", "pacs", "spool-space", "gateway", "acknowledgements"]
     assert all(set(e) == {"id", "check", "status", "ok", "detail", "hint"} for e in entries)
     assert all(e["ok"] == (e["status"] != "failed") for e in entries)
     keys = {e["id"]: e for e in entries}
@@ -125,6 +126,7 @@ def test_check_reports_every_problem_without_raising(short_tmp: Path) -> None:
         ("smtp", "SMTP login", "failed"),
         ("mailbox", "IMAP login", "skipped"),
         ("pacs", "PACS C-ECHO", "skipped"),
+        ("spool-space", "spool free space", "ok"),
         ("gateway", "gateway", "failed"),
         ("acknowledgements", "acknowledgements", "failed"),
     ]
@@ -192,6 +194,7 @@ def test_a_failed_login_among_passing_checks(tmp_path: Path, monkeypatch: pytest
         ("smtp", "SMTP login", "ok"),
         ("mailbox", "IMAP login", "failed"),
         ("pacs", "PACS C-ECHO", "ok"),
+        ("spool-space", "spool free space", "ok"),
         ("gateway", "gateway", "ok"),
         ("acknowledgements", "acknowledgements", "ok"),
     ]

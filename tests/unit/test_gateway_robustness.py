@@ -5,6 +5,7 @@ a late PACS retry (the same instance within gateway.duplicate_window) that is no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import logging
@@ -338,3 +339,29 @@ def test_a_pacs_offering_several_transfer_syntaxes_gets_the_lossless_compressed_
             assoc.release()
     finally:
         server.shutdown()
+
+
+def test_check_shows_gateway_studies_that_wait_or_failed_and_a_short_spool(tmp_path: Path) -> None:
+    from dicommail import checks
+
+    config = parse_config({"identity": {"address": "hospital@hospital.test"},
+                           "routes": {"DR": {"recipients": ["dr@practice.test"]}}}, tmp_path)
+    db = Database(config.state_db)
+    now = time.time()
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
+                     " first_received_at, last_received_at, updated_at, error) VALUES (1, 'DR', '1.2.3', ?, 1,"
+                     " 'PACS', '127.0.0.1', ?, ?, ?, 'cannot encrypt to dr@practice.test: no such key')",
+                     (COMPLETE, now, now, now))
+    found = checks._gateway_studies(config)
+    assert found is not None and found.status == "warning" and "1 gateway study wait" in found.detail
+    with db.transaction() as conn:
+        conn.execute("UPDATE gateway_studies SET status = ?, error = 'packing failed 5 times' WHERE id = 1",
+                     (FAILED,))
+    db.close()
+    found = checks._gateway_studies(config)
+    assert found is not None and found.status == "failed" and "send them again" in found.hint
+    assert isinstance(checks._check_spool_space(config), str)  # a plain pass: the free space
+    short = checks._check_spool_space(dataclasses.replace(
+        config, retention=dataclasses.replace(config.retention, min_free_space=2**62)))
+    assert not isinstance(short, str) and short.status == "failed" and "out of resources" in short.detail
