@@ -140,7 +140,9 @@ def transport_error(exc: BaseException, where: str, doing: str, timeout: float) 
     if isinstance(exc, TimeoutError):
         return TransportError(
             f"no answer from {where} within {timeout:g} s while {doing}",
-            "check mailbox.host, mailbox.port and mailbox.security; raise mailbox.timeout for a slow server",
+            "check mailbox.host, mailbox.port and mailbox.security (a server that never greets is often an "
+            "implicit-TLS port, 993/995, with security \"starttls\" or \"none\", or the reverse); raise "
+            "mailbox.timeout for a slow server",
         )
     if isinstance(exc, socket.gaierror):
         return TransportError(f"cannot resolve the mail server name in {where}: {exc.strerror}", "check mailbox.host")

@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -217,11 +218,19 @@ class SmtpClient:
                 temporary=temporary,
             )
         if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts derive from it
+            # A server that never greets is often a TLS port spoken to in plain text (or the reverse).
+            mismatch = ('; a port that expects TLS from the start (465) needs smtp.security = "tls"'
+                        if self.config.security != "tls" else
+                        '; a port that starts in plain text (587, 25) needs smtp.security = "starttls"')
             return TransportError(
-                f"timed out connecting to {where} (after {self.config.timeout} s)", f"{check}; {_RETRY_HINT}"
+                f"timed out connecting to {where} (after {self.config.timeout} s)",
+                f"{check}{mismatch}; {_RETRY_HINT}",
             )
         if isinstance(exc, OSError):
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            if isinstance(cause, socket.gaierror):  # its errno is a resolver code, no errno
+                return TransportError(f"cannot connect to {where}: the name {self.config.host} does not resolve "
+                                      f"({cause.strerror})", f"check smtp.host and the DNS; {_RETRY_HINT}")
             # asyncio words it "Connect call failed (...)"; the errno says what happened.
             reason = os.strerror(cause.errno) if cause.errno else str(cause)
             return TransportError(f"cannot connect to {where}: {reason}", f"{check}; {_RETRY_HINT}")

@@ -367,3 +367,17 @@ def test_greeting_421_is_temporary_554_is_not() -> None:
 
         _with_responder(Responder(greeting=greeting), body)
         assert errors[0].temporary is temporary and greeting.decode() in errors[0].message
+
+
+def test_a_host_that_does_not_resolve_is_named_so() -> None:
+    # os.strerror() of a resolver code printed "Unknown error -2".
+    import socket
+
+    client = SmtpClient(_plain(25))
+    lookup = OSError("Connect call failed")
+    lookup.__cause__ = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    error = client._connect_error(lookup)
+    assert "does not resolve (Name or service not known)" in error.message and "Unknown error" not in error.message
+    assert error.temporary and "smtp.host" in error.hint
+    silent = client._connect_error(TimeoutError())
+    assert 'smtp.security = "tls"' in silent.hint  # a plain-text session to an implicit-TLS port waits for ever
