@@ -228,3 +228,13 @@ def test_atomic_writer_never_replaces_a_device() -> None:
 def test_example_configs_are_valid(name: str) -> None:
     path = Path(__file__).resolve().parents[2] / "examples" / name
     parse_config(tomllib.loads(path.read_text()), Path("/x"), str(path))
+
+
+@pytest.mark.parametrize("name", ["hospital.toml", "practice.toml"])
+def test_example_configs_pass_the_acknowledgements_check(name: str, tmp_path: Path) -> None:
+    # A hospital needs [mailbox] for the acknowledgements, a practice [smtp] to send them.
+    from dicommail.checks import _check_acknowledgements
+
+    path = Path(__file__).resolve().parents[2] / "examples" / name
+    config = parse_config(tomllib.loads(path.read_text()), tmp_path, str(path))
+    assert isinstance(_check_acknowledgements(config), str)
