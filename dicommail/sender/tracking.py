@@ -211,7 +211,7 @@ class Tracker:
         with self.db.transaction() as conn:
             if transfer is not None and not reason:
                 current = conn.execute("SELECT * FROM transfers WHERE id = ?", (transfer["id"],)).fetchone()
-                detail = self._act(conn, current, note)
+                detail = self._act(conn, current, note, received.written_at)
                 accepted = True
                 if note.scope == n.SET:
                     self._constancy_receipt(conn, transfer["id"], note)
@@ -250,7 +250,8 @@ class Tracker:
                                      else {"scope": n.SET, "outcome": note.outcome, "reason": note.reason})
         record_receipt(conn, transfer_id, report, self.now())
 
-    def _act(self, conn: sqlite3.Connection, transfer: sqlite3.Row, note: n.Notification) -> str:
+    def _act(self, conn: sqlite3.Connection, transfer: sqlite3.Row, note: n.Notification,
+             written_at: float | None = None) -> str:
         status = transfer["status"]
         transfer_id = transfer["id"]
         at = self.now()
@@ -258,12 +259,17 @@ class Tracker:
             return "recorded; the transfer was cancelled"
         outcome = note.outcome
         if note.scope == n.SET and outcome in (n.SUCCESS, n.WARNING):
-            seconds = at - transfer["first_sent_at"] if transfer["first_sent_at"] else None
+            first_sent = transfer["first_sent_at"]
+            # The transfer ended when the receiver wrote its acknowledgement, not when this site
+            # fetched it (a once-a-minute timer would add up to a minute).  Its Date is the
+            # receiver's clock and unsigned: it is only believed between first send and now.
+            finished = min(at, max(first_sent, written_at)) if first_sent and written_at is not None else at
+            seconds = finished - first_sent if first_sent else None
             _ensure_tracking(conn, transfer_id)
             conn.execute(
                 "UPDATE transfer_tracking SET finished_at = ?, transfer_seconds = ?, reason = NULL, final_report = ? "
                 "WHERE transfer_id = ?",
-                (at, seconds, note.status.to_json().decode("ascii") if note.status else None, transfer_id),
+                (finished, seconds, note.status.to_json().decode("ascii") if note.status else None, transfer_id),
             )
             conn.execute("UPDATE transfers SET status = ?, error = NULL, updated_at = ? WHERE id = ?",
                          (DELIVERED, at, transfer_id))

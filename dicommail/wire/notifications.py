@@ -594,6 +594,9 @@ class ReceivedReport:
     signer: Verification | None
     sender: str  # the outer From address
     message_id: str
+    #: The mail's Date (POSIX time; None if missing or malformed): when the receiver wrote it, not
+    #: when this site fetched it.  Unsigned: use it only within times known otherwise.
+    written_at: float | None = None
 
 
 def open_report(path: Path, keyring: Keyring, work: Path, *, passphrase: str | None = None) -> ReceivedReport:
@@ -602,8 +605,9 @@ def open_report(path: Path, keyring: Keyring, work: Path, *, passphrase: str | N
     outer = _parser.parsebytes(data)
     sender = email.utils.parseaddr(str(outer.get("From", "") or ""))[1].lower()
     message_id = " ".join(str(outer.get("Message-ID", "") or "").split())
+    written_at = _date(outer)
     if outer.get_content_type() == REPORT_TYPE:
-        return ReceivedReport(parse_report(data), None, sender, message_id)
+        return ReceivedReport(parse_report(data), None, sender, message_id, written_at)
     if outer.get_content_type() != "multipart/encrypted":
         raise WireFormatError(f"a notification must be a report or PGP/MIME, not {outer.get_content_type()}")
     armored: bytes | None = None
@@ -630,4 +634,11 @@ def open_report(path: Path, keyring: Keyring, work: Path, *, passphrase: str | N
         outer_value = outer.get(name)
         if outer_value is not None and inner_value is not None and str(outer_value).strip() != str(inner_value):
             raise WireFormatError(f"the outer header {name} differs from the signed one inside the encryption")
-    return ReceivedReport(notification, signer, sender, message_id)
+    return ReceivedReport(notification, signer, sender, message_id, written_at)
+
+
+def _date(message: Message) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(str(message.get("Date", "") or "")).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None

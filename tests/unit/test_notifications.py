@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -310,3 +311,17 @@ def test_signed_ack_counts_only_from_a_certified_user_id(tmp_path: Path, new_key
     assert t.get_transfer(db, SET_ID).status == "sent"
     assert tracker.decide(2, signed(real.fingerprint)).accepted
     assert t.get_transfer(db, SET_ID).status == "delivered"
+
+
+@pytest.mark.parametrize(("written_after", "expected"), [(12.0, 12.0), (None, 70.0), (500.0, 70.0), (-5.0, 0.0)])
+def test_the_transfer_time_ends_when_the_receiver_wrote_its_acknowledgement(
+        tmp_path: Path, written_after: float | None, expected: float) -> None:
+    # Fetched a minute later by a timer, the acknowledgement was written 12 s after the first mail went:
+    # the transfer time is 12 s.  An unsigned Date outside [first send, now] is not believed.
+    tracker, db, clock = _outbox(tmp_path)
+    first_sent = clock.at
+    clock.at += 70.0
+    report = _report(n.SUCCESS, scope=n.SET, part=None)
+    written_at = None if written_after is None else first_sent + written_after
+    tracker.on_report(1, dataclasses.replace(report, written_at=written_at))
+    assert t.get_transfer(db, "1").transfer_seconds == expected
