@@ -9,7 +9,7 @@ from rich.text import Text
 
 from dicommail import CheckResult
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import EXIT_FAILURE, out, print_json
+from dicommail.cli.render import EXIT_FAILURE, for_this_home, out, print_json
 from dicommail.errors import DicommailError
 
 #: How each status looks in the table.
@@ -63,7 +63,7 @@ def _table(results: list[CheckResult], width: int) -> Table:
         label, style = _STATUS_STYLE[result.status]
         detail = Text(result.detail)
         if result.hint:
-            detail.append("\nhint: " + result.hint, style="dim")
+            detail.append("\nhint: " + for_this_home(result.hint), style="dim")
         table.add_row(Text(result.name), Text(label, style=style), detail)
     return table
 

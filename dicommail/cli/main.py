@@ -32,6 +32,7 @@ from dicommail.cli.render import (
     new_invocation,
     print_json,
     raise_terminated,
+    set_home,
     wants_json,
 )
 
@@ -50,9 +51,11 @@ _JSON_KEY = "dicommail.json"
 class AppContext:
     """What every command needs: the home directory and, lazily, the site opened there."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, default_home: Path | None = None) -> None:
         self.home = home
+        self.default_home = default_home or home  # commands in hints name --home unless it is this one
         self._site: Site | None = None
+        set_home(home, self.default_home, SUBCOMMANDS)
 
     @property
     def site(self) -> Site:
@@ -72,6 +75,7 @@ class AppContext:
         if home != self.home:
             self.home = home
             self._site = None
+            set_home(home, self.default_home, SUBCOMMANDS)
 
 
 pass_app = click.make_pass_decorator(AppContext)
@@ -280,7 +284,8 @@ def cli(ctx: click.Context) -> None:
     from dicommail.config import default_home
 
     home: Path | None = ctx.meta.get(_HOME_KEY)
-    ctx.obj = AppContext(home or default_home().expanduser().absolute())
+    default = default_home().expanduser().absolute()
+    ctx.obj = AppContext(home or default, default)
 
 
 def next_steps(home: Path, config_file: Path, address: str) -> list[str]:

@@ -6,9 +6,12 @@ import errno
 import functools
 import json
 import os
+import re
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import click
@@ -32,6 +35,32 @@ class _Output:
     """What this invocation has printed: --json promises one document, however the command ends."""
 
     json_documents = 0
+    #: `` --home DIR`` for the commands hints name, when this invocation's home is not the default.
+    home_option = ""
+    #: "dicommail" where it starts a command (not in "dicommail.toml", prose, or before --home already).
+    command = re.compile(r"\bdicommail(?= +(?!--home\b)[a-z][a-z-]* )")
+
+
+def set_home(home: Path, default: Path, commands: Iterable[str] = ()) -> None:
+    """The home this invocation works on: commands in hints get ``--home`` unless it is the default.
+
+    ``commands``: the subcommands' names, which tell a command ("dicommail keys ...") from prose.
+    """
+    _Output.home_option = "" if home == default else f" --home {shlex.quote(str(home))}"
+    if commands:
+        names = "|".join(sorted(map(re.escape, commands), key=len, reverse=True))
+        _Output.command = re.compile(rf"\bdicommail(?= +(?:-[a-z]\S* +)*(?:{names})\b)")
+
+
+def for_this_home(text: str) -> str:
+    """``text`` with ``--home DIR`` after every ``dicommail`` command it names, so that copying one acts here.
+
+    Without it, a hint copied from a site at /srv/hospital ran on ~/.dicommail, or on another site.
+    """
+    if not _Output.home_option or "dicommail" not in text:
+        return text
+    option = _Output.home_option
+    return _Output.command.sub(lambda _m: "dicommail" + option, text)
 
 
 def new_invocation() -> None:
@@ -79,25 +108,25 @@ def _labelled(label: str, style: str, message: str, priority: int) -> Text:
 
 
 def warn(message: str) -> None:
-    """``warning: MESSAGE`` on stderr, printed literally."""
-    err.print(_labelled("warning:", "yellow", message, 4))
+    """``warning: MESSAGE`` on stderr, printed literally (commands it names get this home's --home)."""
+    err.print(_labelled("warning:", "yellow", for_this_home(message), 4))
 
 
 def info(message: str) -> None:
-    """A message on stderr, printed literally."""
-    err.print(Text(message))
+    """A message on stderr, printed literally (commands it names get this home's --home)."""
+    err.print(Text(for_this_home(message)))
 
 
 def print_error(message: str, hint: str = "", label: str = "error:") -> None:
-    """``error: MESSAGE`` and ``hint: HINT`` on stderr, printed literally."""
-    err.print(_labelled(label, "bold red", message, 3))
+    """``error: MESSAGE`` and ``hint: HINT`` on stderr, printed literally (commands named get --home)."""
+    err.print(_labelled(label, "bold red", for_this_home(message), 3))
     if hint:
-        err.print(_labelled("hint:", "dim", hint, 3))
+        err.print(_labelled("hint:", "dim", for_this_home(hint), 3))
 
 
 def error_document(error: DicommailError) -> dict[str, Any]:
     """The ``error`` member of a --json document."""
-    return {"code": error.code, "message": error.message, "hint": error.hint}
+    return {"code": error.code, "message": for_this_home(error.message), "hint": for_this_home(error.hint)}
 
 
 def fail(error: DicommailError, as_json: bool = False) -> None:

@@ -445,7 +445,8 @@ class Gateway:
             for result in results:
                 if result.status == "failed":
                     log.error("set %s for %s failed: %s", result.set_id, result.recipient, result.error)
-                elif result.waiting and result.sent_now == 0 and result.error:
+                elif result.waiting and result.sent_now == 0 and result.error and result.hint:
+                    # (hint: the try failed in this run; a set not yet due again was logged when it failed)
                     log.warning("set %s for %s waits for a retry: %s", result.set_id, result.recipient, result.error)
         except TransportError as exc:
             log.error("sending failed: %s (%s); the sets stay queued", exc.message, exc.hint)

@@ -219,3 +219,23 @@ def test_errors_on_journald_stream_carry_their_priority(tmp_path: Path) -> None:
     plain = subprocess.run([sys.executable, "-m", "dicommail", "--home", str(tmp_path / "typo"), "status"],
                            capture_output=True, text=True, env={**os.environ, "JOURNAL_STREAM": ""}, check=False)
     assert plain.stderr.startswith("error: ")
+
+
+def test_commands_named_in_hints_carry_this_home(tmp_path: Path) -> None:
+    # A hint copied from a site at /srv/hospital ran on ~/.dicommail, or on another site.
+    from dicommail.cli.render import for_this_home, set_home
+
+    home = tmp_path / "my site"
+    set_home(home, tmp_path / "default", ["keys", "send", "check", "status", "gateway"])
+    try:
+        assert for_this_home("then run: dicommail keys certify ABC") == \
+            f"then run: dicommail --home '{home}' keys certify ABC"
+        assert for_this_home("`dicommail send --pending` from cron") == \
+            f"`dicommail --home '{home}' send --pending` from cron"
+        unchanged = [f"dicommail --home {home} status", "see dicommail.toml", "the dicommail home",
+                     "this home's dicommail daemon runs"]
+        assert [for_this_home(text) for text in unchanged] == unchanged
+        set_home(home, home)  # the default home: nothing to add
+        assert for_this_home("run: dicommail check") == "run: dicommail check"
+    finally:
+        set_home(home, home)
