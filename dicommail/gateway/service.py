@@ -41,7 +41,7 @@ from pathlib import Path
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import DicomFile, read_dicom_info
+from dicommail.dicom import DicomFile, quiet_pydicom, read_dicom_info
 from dicommail.errors import ConfigError, DicommailError, GatewayLockedError, InputError, TransportError
 from dicommail.gateway.ingest import (
     COMPLETE,
@@ -56,6 +56,7 @@ from dicommail.gateway.ingest import (
 from dicommail.gateway.scp import StoreService
 from dicommail.sender.outbox import ClientFactory, next_attempt_due, queue_set, retry_delay, send_pending, sender_lock
 from dicommail.sender.packing import pack_options, sender_address
+from dicommail.sender.tracking import record_study_details
 from dicommail.store.db import Database
 from dicommail.store.files import pid_lock
 from dicommail.transport.smtp import SmtpClient
@@ -409,6 +410,9 @@ class Gateway:
                 def record(conn: sqlite3.Connection, transfer_id: int, recipient: str = recipient) -> None:
                     conn.execute("INSERT INTO gateway_transfers (study_id, recipient, transfer_id) VALUES (?, ?, ?)",
                                  (study_id, recipient, transfer_id))
+                    # Images, patient and study for `status` (--show-patient), as `send` records them.
+                    with quiet_pydicom(f"transfer {transfer_id}"):
+                        record_study_details(conn, transfer_id, files)
 
                 queue_set(self.db, packed, on_queued=record)
                 log.info("study %s: set %s queued for %s (%d mail(s))", study["study_uid"], packed.set_id,

@@ -236,6 +236,8 @@ def test_a_thousand_small_instances(gateway: Gateway) -> None:
     assert row["instances"] == 1000
     with sqlite3.connect(gateway.home.path / "state.db") as db:
         assert db.execute("SELECT files FROM transfers").fetchone()[0] == 1000
+        # What `status` shows, as for a study sent with `dicommail send`.
+        assert db.execute("SELECT images FROM transfer_tracking").fetchone()[0] == 1000
     print(f"1000 instances received in {received:.1f} s")
 
 
