@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from dicommail import PackedSet, UnpackReport
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.packing import MailBytes, ProgressBars, ScanTally, file_sizes, packing_options
 from dicommail.cli.render import (
     EXIT_FAILURE,
-    echo_escape,
     error_document,
     handle_errors,
     info,
@@ -125,27 +125,30 @@ def unpack(app: AppContext, mails: tuple[Path, ...], out_dir: Path, as_json: boo
     if as_json:
         print_json(report.to_json())
     else:
-        _print_report(report)
+        _print_report(report, out_dir)
     if not report.ok:
         raise SystemExit(EXIT_FAILURE)
 
 
-def _print_report(report: UnpackReport) -> None:
+def _print_report(report: UnpackReport, out_dir: Path) -> None:
     if report.sets:
-        table = Table(title="Sets", title_justify="left")
-        for name in ("set", "status", "parts", "DICOM", "other", "where"):
-            table.add_column(name, overflow="fold")
+        # As pack's table: no borders, the set ID never cut; where each set went is said below it.
+        table = Table(box=None, pad_edge=False)
+        table.add_column("set", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        for name in ("parts", "DICOM", "other"):
+            table.add_column(name, justify="right", no_wrap=True)
         for s in report.sets:
-            status = "[green]verified[/green]" if s.ok else "[red]failed[/red]"
-            table.add_row(
-                s.set_id,
-                status,
-                f"{s.parts_received}/{s.set_total}",
-                str(s.dicom_files),
-                str(s.other_files),
-                echo_escape(str(s.directory or "-")),
-            )
+            status = Text("verified", style="green") if s.ok else Text("failed", style="red")
+            table.add_row(s.set_id, status, f"{s.parts_received}/{s.set_total}", str(s.dicom_files),
+                          str(s.other_files))
         out.print(table)
+        written = [s for s in report.sets if s.directory is not None]
+        if written:
+            out.print(f"{len(written)} set(s) in {out_dir}", markup=False)
+        for s in written:
+            if s.directory is not None and s.directory.name != s.set_id:  # another signer's set of that ID
+                out.print(f"set {s.set_id}: in {s.directory}", markup=False)
     for s in report.sets:
         for warning in s.warnings:
             # Warnings name positions in the set ("set X part 2 file 3"), never a file name from the mail.

@@ -48,6 +48,14 @@ def test_pack_then_unpack_with_json(
     assert result["ok"] and {s["set_id"] for s in result["sets"]} == {s["set_id"] for s in sets}
     assert sum(s["dicom_files"] for s in result["sets"]) == len(ct_study) + len(mr_study)
 
+    # The table, in 80 columns: every set ID whole on one line, no line wider.
+    result_80 = CliRunner().invoke(cli, ["--home", str(practice_site.home), "unpack", *mails, "-o",
+                                         str(tmp_path / "in80")], catch_exceptions=False, env={"COLUMNS": "80"})
+    assert result_80.exit_code == 0, result_80.stderr
+    lines = result_80.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert all(any(s["set_id"] in line for line in lines) for s in sets)
+
 
 def test_unpack_incomplete_set_fails_with_missing_parts(
     hospital_site: Site, practice_site: Site, ct_study: list[Path], tmp_path: Path
