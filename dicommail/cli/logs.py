@@ -139,13 +139,17 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Log dicommail's events at ``level`` and above to stderr (journal or terminal lines, see above).
 
     Other libraries only get their warnings through (errors with ``error``);
-    pynetdicom's own errors describe conditions dicommail reports itself
-    (as the warning or error they are), so it is silenced unless debugging.
+    pynetdicom's own errors and python-gnupg's warnings describe conditions
+    dicommail reports itself (as the warning or error they are), so they are
+    silenced unless debugging.
     """
     handler: logging.Handler = JournalHandler() if journal_mode() else TerminalHandler()
     logging.basicConfig(level=max(logging.WARNING, level), handlers=[handler], force=True)
     logging.getLogger("dicommail").setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.INFO if level <= logging.DEBUG else logging.CRITICAL)
+    # python-gnupg warns "gpg returned a non-zero error code" for every refused mail or wrong
+    # passphrase, which dicommail reports itself with the reason: kept for debugging only.
+    logging.getLogger("gnupg").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
 
 
 def log_level(name: str | None, quiet: bool, verbose: int) -> int:
