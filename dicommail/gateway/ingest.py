@@ -79,6 +79,8 @@ class Stored:
     duplicate: bool  # the study already had this instance: nothing of it is kept
     #: For an instance accepted before within the duplicate window: when (it is not sent again).
     accepted_before: float | None = None
+    #: A duplicate whose content differs from the copy kept (a corrected object sent too soon).
+    changed: bool = False
 
 
 def content_sha256(part10: bytes) -> str:
@@ -338,7 +340,9 @@ class Ingest:
                 stored = self._commits.run(record)
             except sqlite3.IntegrityError:
                 # The study has this instance already (a repeat, or two associations at once): the first stands.
-                return Stored(study_id, duplicate=True)
+                kept = self.db.query("SELECT sha256 FROM gateway_instances WHERE study_id = ? AND sop_instance_uid = ?",
+                                     (study_id, item.sop_instance_uid))
+                return Stored(study_id, duplicate=True, changed=bool(kept) and kept[0]["sha256"] != digest)
             if stored is not None:
                 return stored
             with self._studies_lock:

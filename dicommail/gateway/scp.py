@@ -351,7 +351,11 @@ class StoreService:
             log.error("cannot store instance %s: %s; answered 'out of resources', the sender retries",
                       sop_uid, detail)
             return OUT_OF_RESOURCES
-        if stored.duplicate and stored.accepted_before is None:
+        if stored.changed:
+            log.warning("instance %s of gateway study %d came again with other content while the study was still "
+                        "receiving: the first copy is kept and sent; if the change matters, send the instance "
+                        "again once the study went out", sop_uid, stored.study_id)
+        elif stored.duplicate and stored.accepted_before is None:
             # (A repeat from an earlier push is logged by the ingest, at INFO.)
             log.debug("instance %s of study %s again: already stored", sop_uid, stored.study_id)
         self._on_stored()

@@ -235,7 +235,9 @@ def test_within_a_study_still_receiving_a_repeat_is_tolerated(tmp_path: Path) ->
     uid, data = _part10()
     first = ingest.store(_instance(uid, data), now=lambda: 1000.0)
     again = ingest.store(_instance(uid, data[:-2] + b"\x00\x01"), now=lambda: 1001.0)
-    assert again == Stored(first.study_id, duplicate=True)  # the first stands, as before
+    # The first stands, as before; that the content changed is said (the gateway logs a warning).
+    assert again == Stored(first.study_id, duplicate=True, changed=True)
+    assert ingest.store(_instance(uid, data), now=lambda: 1002.0) == Stored(first.study_id, duplicate=True)
     assert db.query("SELECT instances FROM gateway_studies")[0]["instances"] == 1
 
 

@@ -102,7 +102,7 @@ def test_a_repeat_in_the_receiving_study_leaves_one_row_and_one_file(tmp_path: P
     ingest = Ingest(db, tmp_path / "spool")
     first = ingest.store(_instance(uid, data, study))
     again = ingest.store(_instance(uid, data[:-2] + b"\x00\x01", study))
-    assert again == Stored(first.study_id, duplicate=True)
+    assert again == Stored(first.study_id, duplicate=True, changed=True)
     assert len(_rows(db)) == 1 and len(_files(tmp_path / "spool")) == 1
     assert Path(_rows(db)[0][1]).read_bytes() == data  # the first stands
 
