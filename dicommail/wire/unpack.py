@@ -822,6 +822,7 @@ def unpack_files(
         whole: list[Path] = []
         weight: dict[Path, int] = {}  # input mails each whole mail stands for (fragments joined)
         fragments: dict[str, list[tuple[FragmentInfo, Path]]] = {}
+        origin: dict[Path, Path] = {}  # a mail joined from fragments -> its first fragment
         for path in paths:
             try:
                 envelope = read_envelope(path)
@@ -844,6 +845,7 @@ def unpack_files(
                 continue
             whole.append(joined)
             weight[joined] = len(pieces)
+            origin[joined] = pieces[0][1]  # a failure names a fragment given, not our scratch file
 
         # A set belongs to its signer: another key reusing the set ID makes another set.
         parts: dict[tuple[str, str], list[ReceivedPart]] = {}
@@ -875,7 +877,7 @@ def unpack_files(
                                 "someone re-encrypted another site's set to us; it is not unpacked",
                             )
                     except DicommailError as exc:
-                        report.rejected.append((path, exc))
+                        report.rejected.append((origin.get(path, path), exc))
                         continue
                     finally:
                         # A file given twice is in ``whole`` twice: its first opening counts for both.

@@ -119,8 +119,9 @@ def test_missing_duplicated_and_truncated_fragments(
     cut = tmp_path / "cut.eml"
     cut.write_bytes(fragments[2].read_bytes()[: fragments[2].stat().st_size // 2])
     report = _unpack(practice_site, [*fragments[:2], cut, *fragments[3:], fragments[0]], tmp_path / "in")
-    [(_, error)] = report.rejected
+    [(named, error)] = report.rejected
     assert isinstance(error, DecryptionError | WireFormatError)
+    assert named == fragments[0]  # a fragment given, not the scratch file it was joined into
     _nothing_written(tmp_path / "in")
 
 
