@@ -124,7 +124,7 @@ def _print_check(check: ConstancyCheck) -> None:
 
 
 @constancy.command("list")
-@click.option("--since", help="Only checks started on or after this date (ISO 8601, local time).")
+@click.option("--since", help="Only checks started on or after this date (ISO 8601, local time; YYYY-MM: that month).")
 @click.option("--to", "to", default=None, help="Only checks of this peer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @pass_app

@@ -230,15 +230,27 @@ def confirm(question: str, assume_yes: bool) -> bool:
     return click.confirm(question, default=False, err=True)
 
 
+_MONTH = re.compile(r"^\d{4}-\d{2}$")
+
+
+def parse_moment(value: str) -> datetime:
+    """An ISO 8601 date or time (local unless it names an offset), or a month (YYYY-MM: its first day).
+
+    Raises ``ValueError``.
+    """
+    text = value.strip()
+    return datetime.fromisoformat(text + "-01" if _MONTH.match(text) else text)
+
+
 def since_option(value: str | None) -> datetime | None:
-    """The value of a ``--since`` option: an ISO 8601 date or time, local time unless it names an offset."""
+    """The value of a ``--since`` option: as :func:`parse_moment` reads it."""
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value)
+        return parse_moment(value)
     except ValueError as exc:
         # A usage error (exit 2), as click reports a bad value of its own.
-        raise click.BadParameter(f"{value!r} is not a date; use e.g. 2026-11-23 or 2026-11-23T08:00",
+        raise click.BadParameter(f"{value!r} is not a date; use e.g. 2026-11, 2026-11-23 or 2026-11-23T08:00",
                                  param_hint="'--since'") from exc
 
 

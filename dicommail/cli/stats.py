@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from datetime import datetime
 
 import click
 
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import format_duration, handle_errors, print_json
+from dicommail.cli.render import format_duration, handle_errors, parse_moment, print_json
 from dicommail.config import format_size
 from dicommail.site.operations import StatsFigures, StatsReport
-
-_MONTH_RE = re.compile(r"^\d{4}-\d{2}$")
 
 # Figures right-aligned after an indented direction label: 66 columns, whatever the group's name.
 _ROW = "  {:<10}{:>7}{:>8}{:>12}{:>8}{:>10}{:>9}"
@@ -24,9 +21,8 @@ def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> da
     """An ISO 8601 date or time (local unless it names an offset), or a month (YYYY-MM: its first day)."""
     if value is None:
         return None
-    text = value.strip()
     try:
-        return datetime.fromisoformat(text + "-01" if _MONTH_RE.match(text) else text)
+        return parse_moment(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a date; use e.g. 2026-11, 2026-11-23 or 2026-11-23T08:00",
                                  ctx=ctx, param=param) from None

@@ -244,7 +244,8 @@ def _print(lines: Sequence[Text]) -> None:
 @click.option("--waiting", "filters", flag_value="waiting", help="Sent, waiting for the receiver's notification.")
 @click.option("--done", "filters", flag_value="done", help="Delivered transfers.")
 @click.option("--failed", "filters", flag_value="failed", help="Failed, expired or cancelled transfers.")
-@click.option("--since", help="Only transfers created on or after this date (ISO 8601, local time).")
+@click.option("--since",
+              help="Only transfers created on or after this date (ISO 8601, local time; YYYY-MM: that month).")
 @click.option("--wide", is_flag=True,
               help="Every column (set, created, parts, images, error) on one line, however long.")
 @click.option("--show-patient", is_flag=True, help="Also show patient name and study description (local data).")

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -239,3 +240,15 @@ def test_commands_named_in_hints_carry_this_home(tmp_path: Path) -> None:
         assert for_this_home("run: dicommail check") == "run: dicommail check"
     finally:
         set_home(home, home)
+
+
+def test_since_takes_the_same_forms_everywhere() -> None:
+    # `stats --since 2026-11` worked while `status --since 2026-12` was refused.
+    from datetime import datetime
+
+    from dicommail.cli.render import parse_moment, since_option
+
+    assert since_option("2026-12") == datetime(2026, 12, 1) == parse_moment(" 2026-12 ")
+    assert since_option("2026-12-03T08:00") == datetime(2026, 12, 3, 8, 0)
+    with pytest.raises(click.BadParameter):
+        since_option("last week")
