@@ -546,18 +546,34 @@ def final_report(db: Database, transfer_id: int) -> dict[str, object] | None:
     return data
 
 
+def refusal(action: str, set_id: str, status: str) -> StateError | None:
+    """Why ``action`` (retry, cancel, delete) cannot be done to a transfer in ``status``; None if it can.
+
+    Asked before the operator is asked to confirm, and again in the transaction that acts.
+    """
+    if action == "retry" and status not in UNSUCCESSFUL:
+        return StateError(f"set {set_id} is {status}: only failed, expired or cancelled transfers can be retried",
+                          f"see `dicommail status {set_id}`")
+    if action == "cancel" and status not in ACTIVE:
+        return StateError(f"set {set_id} is {status}: only active transfers can be cancelled")
+    if action == "delete" and status in ACTIVE:
+        return StateError(f"set {set_id} is still {status}", f"cancel it first: dicommail transfers cancel {set_id}")
+    return None
+
+
+def _refuse(action: str, transfer: sqlite3.Row) -> None:
+    problem = refusal(action, transfer["set_id"], transfer["status"])
+    if problem is not None:
+        raise problem
+
+
 def retry_transfer(db: Database, transfer_id: int, now: Callable[[], float] = time.time) -> int:
     """Queue a failed, expired or cancelled transfer's unacknowledged parts again; return how many mails."""
     with db.transaction() as conn:
         transfer = conn.execute("SELECT * FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
         if transfer is None:
             raise StateError(f"transfer {transfer_id} is not in the outbox")
-        if transfer["status"] not in UNSUCCESSFUL:
-            raise StateError(
-                f"set {transfer['set_id']} is {transfer['status']}: only failed, expired or cancelled transfers "
-                "can be retried",
-                "see `dicommail status " + transfer["set_id"] + "`",
-            )
+        _refuse("retry", transfer)
         acked = {r[0] for r in conn.execute(
             "SELECT DISTINCT set_part FROM acknowledgements WHERE transfer_id = ? AND accepted = 1 AND scope = ? "
             "AND outcome IN (?, ?)", (transfer_id, n.PART, n.SUCCESS, n.WARNING))}
@@ -587,9 +603,7 @@ def cancel_transfer(db: Database, transfer_id: int, now: Callable[[], float] = t
         transfer = conn.execute("SELECT * FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
         if transfer is None:
             raise StateError(f"transfer {transfer_id} is not in the outbox")
-        if transfer["status"] not in ACTIVE:
-            raise StateError(f"set {transfer['set_id']} is {transfer['status']}: only active transfers can be "
-                             "cancelled")
+        _refuse("cancel", transfer)
         conn.execute("UPDATE transfers SET status = ?, error = ?, updated_at = ? WHERE id = ?",
                      (CANCELLED, "cancelled by the operator", now(), transfer_id))
         add_event(conn, transfer_id, "cancelled", "by the operator; mails not yet sent stay unsent", at=now())
@@ -600,11 +614,7 @@ def delete_transfer(db: Database, transfer_id: int) -> int:
     transfer = db.query("SELECT * FROM transfers WHERE id = ?", (transfer_id,))
     if not transfer:
         raise StateError(f"transfer {transfer_id} is not in the outbox")
-    if transfer[0]["status"] in ACTIVE:
-        raise StateError(
-            f"set {transfer[0]['set_id']} is still {transfer[0]['status']}",
-            f"cancel it first: dicommail transfers cancel {transfer[0]['set_id']}",
-        )
+    _refuse("delete", transfer[0])
     paths = [Path(r["path"]) for r in db.query("SELECT path FROM outbound_mails WHERE transfer_id = ?",
                                                 (transfer_id,))]
     try:

@@ -322,3 +322,16 @@ def test_a_tracked_transfer_in_80_columns_and_json(home: Path) -> None:
     assert len(listing) == 5  # the header, two delivered transfers of two lines each, oldest first
     assert listing[3].split()[:3] == ["99999", "delivered", "short@x.example"]
     assert listing[4].split() == ["set", WAITING]
+
+
+def test_what_cannot_be_done_is_refused_before_the_operator_is_asked(home: Path) -> None:
+    # `transfers retry` asked "Send ... again?" for a delivered set, then said it cannot be retried.
+    from dicommail import Site
+    from dicommail.errors import StateError
+
+    asked: list[str] = []
+    site = Site.open(home)
+    for action, ident in (("retry", DELIVERED), ("cancel", FAILED), ("delete", WAITING)):
+        with pytest.raises(StateError):
+            getattr(site, action)(ident, confirm=lambda view: asked.append(view.set_id) or True)
+    assert asked == []
