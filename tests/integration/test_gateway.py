@@ -309,13 +309,13 @@ def test_check_reports_every_problem(gateway: Gateway, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
     assert set(checks) == {"config", "file modes", "own key", "test signature", f"key of {PRACTICE}", "SMTP login",
-                           "IMAP login", "PACS C-ECHO", "gateway", "acknowledgements"}
+                           "IMAP login", "PACS C-ECHO", "spool free space", "gateway", "acknowledgements"}
     assert all(c["status"] == "ok" for c in checks.values()), checks
     assert "in use by this home's gateway" in checks["gateway"]["detail"]
     # Scripts go by the stable ids, people by the names.
     assert [c["id"] for c in json.loads(result.stdout)["checks"]] == [
-        "config", "file-modes", "own-key", "signing", f"peer-key:{PRACTICE}", "smtp", "mailbox", "pacs", "gateway",
-        "acknowledgements"]
+        "config", "file-modes", "own-key", "signing", f"peer-key:{PRACTICE}", "smtp", "mailbox", "pacs",
+        "spool-space", "gateway", "acknowledgements"]
     # A route to a peer whose key we do not have, and a wrong mailbox password.
     config = gateway.home.path / "dicommail.toml"
     config.write_text(config.read_text() + '\n[routes."STRANGER"]\nrecipients = ["nobody@example.org"]\n')
