@@ -38,7 +38,8 @@ def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) ->
         print_json(report.to_json())
     else:
         summary = ", ".join(f"{n} {status}" for status, n in sorted(report.sets.items())) or "none"
-        out.print(f"sets: {summary}; quarantined mails: {report.quarantined}", markup=False)
+        # All of this home's sets, not only this cycle's: what stands, as `inbox` lists it.
+        out.print(f"sets in this home: {summary}; quarantined mails: {report.quarantined}", markup=False)
     if report.fetch_error is not None:
         raise report.fetch_error  # on stderr; the JSON document above already says ok=false and why
     if report.processing_error is not None:
