@@ -9,7 +9,7 @@ import click
 from dicommail.cli.logs import log_options
 from dicommail.cli.main import AppContext, pass_app
 from dicommail.cli.packing import ProgressBars
-from dicommail.cli.render import handle_errors, out, print_json
+from dicommail.cli.render import handle_errors, info, out, print_json
 
 
 @click.command()
@@ -26,6 +26,9 @@ def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) ->
     (not with --json or -q).
     """
     import asyncio  # here: the other commands need no event loop
+
+    if as_json and not once:
+        raise click.UsageError("--json needs --once: the daemon prints no document, it logs")
 
     site = app.site
     # -q (or --log-level warning) asks for problems only: no bars either.
@@ -44,6 +47,9 @@ def receive(app: AppContext, once: bool, interval: int | None, as_json: bool) ->
         raise report.fetch_error  # on stderr; the JSON document above already says ok=false and why
     if report.processing_error is not None:
         raise report.processing_error  # a timer's unit fails: `systemctl --failed` shows it
+    if report.interrupted:
+        info("interrupted: the rest is done by the next run")
+        raise SystemExit(143)  # as a shell reports a command ended by SIGTERM
 
 
 COMMANDS: list[click.Command] = [receive]

@@ -43,6 +43,9 @@ CRASH_ENV = "DICOMMAIL_TEST_CRASH_AT"
 
 
 class Retriever(Protocol):
+    #: Asked between mails while fetching (the receiver sets it to its stop flag).
+    should_stop: Callable[[], bool]
+
     async def fetch(self) -> object: ...
 
     async def wait_for_mail(self, timeout: float) -> bool: ...
@@ -63,6 +66,8 @@ class CycleReport:
     fetch_error: DicommailError | None = None
     #: A processing stage that stopped for a reason outside any one mail (wrong passphrase, full disk).
     processing_error: DicommailError | None = None
+    #: Told to stop (SIGTERM, SIGINT) during the cycle: what was left is the next run's work.
+    interrupted: bool = False
     sets: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
     #: Acknowledgements sent back to senders in this cycle.
@@ -73,7 +78,7 @@ class CycleReport:
     @property
     def ok(self) -> bool:
         """True if fetching and every processing stage worked (a bad mail is recorded per set, not here)."""
-        return self.fetch_error is None and self.processing_error is None
+        return self.fetch_error is None and self.processing_error is None and not self.interrupted
 
     def to_json(self) -> dict[str, Any]:
         """The document ``dicommail receive --once --json`` prints."""
@@ -83,6 +88,7 @@ class CycleReport:
             "quarantined_mails": self.quarantined,
             "fetch_error": self.fetch_error.message if self.fetch_error else None,
             "processing_error": self.processing_error.message if self.processing_error else None,
+            "interrupted": self.interrupted,
         }
 
 
@@ -191,6 +197,7 @@ class Receiver:
         #: Set it (a signal handler, or the program that runs this receiver) to stop after the current step.
         self.stop = stop if stop is not None else asyncio.Event()
         self.pipeline.should_stop = self.stop.is_set
+        self.retriever.should_stop = self.stop.is_set
         self._next_cleanup = 0.0  # monotonic time of the next retention clean-up: at start, then hourly
         # Forwarding to the PACS runs beside fetching and decrypting (one run at a time);
         # intake that stores new work while it runs asks for another round.
@@ -280,6 +287,7 @@ class Receiver:
         # (In the daemon a forwarding round may still run: what it stops for comes with the next cycle.)
         stopped = self.pipeline.take_stage_errors()
         report.processing_error = stopped[0] if stopped else None
+        report.interrupted = self.stop.is_set()
         for row in self.db.query("SELECT status, COUNT(*) AS n FROM inbound_sets GROUP BY status"):
             report.sets[row["status"]] = row["n"]
         report.quarantined = self.db.query(

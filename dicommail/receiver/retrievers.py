@@ -28,7 +28,7 @@ import poplib
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -248,6 +248,10 @@ def _size_guard(limit: int) -> int:
     return limit + limit // 8 + 64 * 1024
 
 
+class _Refused(TransportError):
+    """The server answered, but will not do what was asked with one mail (move it to a folder)."""
+
+
 class _Retriever:
     """What IMAP and POP3 retrievers share: settings, state, TLS and the async context."""
 
@@ -272,6 +276,9 @@ class _Retriever:
         # Built once so that a bad mailbox.ca_file is reported at start-up, not at the first poll.
         self._ssl = tls_context(ca_file) if settings.security != "none" else None
         self._lock = asyncio.Lock()
+        #: Asked between mails: a receiver that is stopping ends the fetch after the current one
+        #: (the rest is the next start's; nothing fetched is lost, nothing is fetched twice).
+        self.should_stop: Callable[[], bool] = lambda: False
 
     def _error(self, exc: BaseException, doing: str) -> TransportError:
         return transport_error(exc, self._where, doing, self._timeout)
@@ -656,7 +663,11 @@ class ImapRetriever(_Retriever):
         uidvalidity = await self._select()
         uids = await self._search("ALL")
         pending = {m.server_uid: m for m in inbox.pending_server_actions(self.db, self.account)}
+        refused: list[TransportError] = []  # moves the server refused: the mails are stored, fetching goes on
         for uid in uids:
+            if self.should_stop():
+                log.info("stopping: the rest of %s is fetched at the next start", self.account)
+                return
             server_uid = f"{uidvalidity}:{uid}"
             mail = self._known(server_uid)
             if mail is None:
@@ -670,12 +681,23 @@ class ImapRetriever(_Retriever):
             else:
                 log.info("completing the server action left pending for mail %s of %s", server_uid, self.account)
                 report.completed += 1
-            await self._server_action(uid, mail)
+            try:
+                await self._server_action(uid, mail)
+            except _Refused as exc:
+                # One folder the server will not take (a bad name, a full quota) must not keep every
+                # later mail from being fetched: this one stays pending and is tried again next time.
+                refused.append(exc)
+                pending.pop(server_uid, None)
+                continue
             inbox.mark_server_done(self.db, mail.id)
             pending.pop(server_uid, None)
         self._finish_gone(pending, report)
         self._uidvalidity = uidvalidity
         self._highest_uid = uids[-1] if uids else 0
+        if refused:
+            first = refused[0]
+            raise TransportError(f"{first.message} ({len(refused)} mail(s) stored but left where they are; "
+                                 "tried again at the next fetch)", first.hint)
 
     async def _download(self, uid: int, server_uid: str, report: FetchReport) -> InboundMail | None:
         """Fetch one mail into the spool in pieces and record it; ``None`` if it is gone or too large."""
@@ -743,7 +765,7 @@ class ImapRetriever(_Retriever):
             if attempt == 0 and "TRYCREATE" in _reply_text(response).upper():
                 await self._create(folder)
                 continue
-            raise TransportError(
+            raise _Refused(
                 f"{self._where} refused to {command} a mail to {folder!r}: {_reply_text(response)}",
                 "check mailbox.processed_folder / mailbox.other_mail_folder and the account's quota",
             )
@@ -754,7 +776,7 @@ class ImapRetriever(_Retriever):
         response = await self._call(f"creating folder {folder}", self._imap.create(_mailbox(folder)))
         # Another client may have created it in between.
         if response.result != "OK" and "ALREADYEXISTS" not in _reply_text(response).upper():
-            raise TransportError(
+            raise _Refused(
                 f"{self._where} cannot create the folder {folder!r}: {_reply_text(response)}",
                 "create it by hand, or check mailbox.processed_folder / mailbox.other_mail_folder",
                 temporary=False,
@@ -961,7 +983,12 @@ class Pop3Retriever(_Retriever):
             sizes = _pop3_sizes(pop.list()[1])
             pending = {m.server_uid: m for m in inbox.pending_server_actions(self.db, self.account)}
             deleted: list[int] = []
+            stopped = False
             for entry in listing:
+                if self.should_stop():
+                    log.info("stopping: the rest of %s is fetched at the next start", self.account)
+                    stopped = True
+                    break  # QUIT still commits the DELEs of the mails done
                 number, _, server_uid = entry.decode("ascii", "replace").strip().partition(" ")
                 mail = self._known(server_uid)
                 if mail is None:
@@ -988,7 +1015,8 @@ class Pop3Retriever(_Retriever):
             committed = True
             for mail_id in deleted:
                 inbox.mark_server_done(self.db, mail_id)
-            self._finish_gone(pending, report)
+            if not stopped:  # (mails not reached yet are not gone)
+                self._finish_gone(pending, report)
         except (OSError, poplib.error_proto) as exc:
             # Rows stay pending: the next fetch repeats the DELEs, nothing is stored twice.
             raise self._error(exc, "fetching mail") from exc

@@ -97,7 +97,8 @@ def test_receive_once_returns_the_cycle_report(hospital: Home, practice: Home, m
     assert report.ok and report.fetch_error is None
     assert report.sets == {"delivered": 1} and report.quarantined == 0
     assert report.to_json() == {"ok": True, "sets": {"delivered": 1}, "quarantined_mails": 0, "fetch_error": None,
-                                "processing_error": None}
+                                "processing_error": None,
+                                "interrupted": False}
     # The CLI prints exactly that document.
     cli = practice.run("receive", "--once", "--json")
     assert cli.returncode == 0, cli.stderr

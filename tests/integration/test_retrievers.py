@@ -241,6 +241,44 @@ def test_imaps_fetch_moves_dicom_mail_and_leaves_other_mail_unseen(servers: Mail
     assert "\\Seen" not in left.flags
 
 
+def test_a_folder_the_server_refuses_does_not_stop_fetching_the_rest(servers: MailServers, state: State) -> None:
+    # One refused move stopped the whole fetch: every later mail (part 2 of a set) waited until the set expired.
+    tag = uuid.uuid4().hex[:8]
+    subjects = [f"DICOM-Mail {tag} {n}" for n in range(3)]
+    _send(servers, *(_mail(subject, dicom=True) for subject in subjects))
+    _wait_for(servers, set(subjects))
+
+    async def scenario() -> None:
+        async with _imap_retriever(servers, state, processed_folder="~Refused") as retriever:
+            with pytest.raises(TransportError, match=r"3 mail\(s\) stored but left where they are"):
+                await retriever.fetch()
+            with pytest.raises(TransportError):  # tried again, nothing fetched twice
+                await retriever.fetch()
+
+    asyncio.run(scenario())
+    assert (state.rows(), state.spool_files()) == (3, 3)
+    assert sorted(m.subject for m in _list(servers)) == sorted(subjects)  # still in the INBOX
+
+
+def test_a_stopping_receiver_ends_the_fetch_after_the_current_mail(servers: MailServers, state: State) -> None:
+    tag = uuid.uuid4().hex[:8]
+    subjects = [f"DICOM-Mail {tag} {n}" for n in range(4)]
+    _send(servers, *(_mail(subject, dicom=True) for subject in subjects))
+    _wait_for(servers, set(subjects))
+
+    async def scenario() -> None:
+        async with _imap_retriever(servers, state) as retriever:
+            retriever.should_stop = lambda: state.rows() >= 1  # SIGTERM came during the first mail
+            await retriever.fetch()
+            assert state.rows() == 1
+            retriever.should_stop = lambda: False
+            await retriever.fetch()  # the next start: the rest, the first not again
+
+    asyncio.run(scenario())
+    assert (state.rows(), state.spool_files()) == (4, 4)
+    assert _list(servers) == []
+
+
 def test_imap_delete_and_other_mail_folder(servers: MailServers, state: State) -> None:
     _, _, other_subject = _deliver_pair(servers)
 

@@ -434,3 +434,18 @@ def test_sigterm_unwinds_a_command_and_removes_its_plaintext(tmp_path: Path, as_
     assert "terminated" in err
     if as_json:
         assert json.loads(out)["error"]["code"] == "terminated"
+
+
+def test_receive_json_without_once_is_a_usage_error(tmp_path: Path) -> None:
+    # The daemon prints no document: --json alone printed nothing, exit 0.
+    (tmp_path / "dicommail.toml").touch()
+    result = run("--home", str(tmp_path), "receive", "--json")
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"]["code"] == "usage"
+
+
+def test_an_interrupted_cycle_is_not_ok() -> None:
+    from dicommail.receiver.daemon import CycleReport
+
+    report = CycleReport(interrupted=True)
+    assert not report.ok and report.to_json()["interrupted"] is True
