@@ -165,6 +165,19 @@ def set_key(signer: str, set_id: str) -> str:
     return hashlib.sha256(f"{signer}\0{set_id}".encode()).hexdigest()[:32]
 
 
+#: The stages as the log and ``receive --once`` name them.
+_STAGE_NAMES = {
+    "recover": "tidying up after a restart",
+    "process_stored": "decrypting fetched mail",
+    "complete_sets": "completing sets",
+    "expire_sets": "expiring incomplete sets",
+    "expire_fragments": "expiring incomplete fragments",
+    "expire_quarantine": "removing old quarantine",
+    "forward_parts": "forwarding verified parts",
+    "forward_ready": "forwarding complete sets",
+}
+
+
 def _distinct_fragments(members: list[Any]) -> list[Any]:
     """The fragments of a group without byte-identical copies (a resend, a mail server's duplicate).
 
@@ -296,30 +309,31 @@ class Pipeline:
         for stage in stages:
             if self.should_stop():
                 return
+            what = _STAGE_NAMES.get(stage.__name__, stage.__name__.replace("_", " "))
             try:
                 stage()
             except OSError as exc:
-                log.error("%s stopped: %s (%s); it is retried in the next cycle", stage.__name__,
-                          exc.strerror or exc, exc.filename or "-")
-                self._stopped(StateError(f"{stage.__name__} stopped: {exc.strerror or exc}",
+                log.error("%s stopped: %s%s; it is retried in the next cycle", what,
+                          exc.strerror or exc, f" ({exc.filename})" if exc.filename else "")
+                self._stopped(StateError(f"{what} stopped: {exc.strerror or exc}",
                                          "check the spool's disk; retried in the next cycle"))
                 return
             except (sqlite3.Error, StateError) as exc:
-                log.error("%s stopped: state database error %s; it is retried in the next cycle", stage.__name__, exc)
-                self._stopped(StateError(f"{stage.__name__} stopped: state database error {exc}",
+                log.error("%s stopped: state database error %s; it is retried in the next cycle", what, exc)
+                self._stopped(StateError(f"{what} stopped: state database error {exc}",
                                          "retried in the next cycle"))
                 return
             except (PassphraseError, ConfigError) as exc:
-                log.error("%s stopped: %s (%s); mails wait and are retried in the next cycle", stage.__name__,
+                log.error("%s stopped: %s (%s); mails wait and are retried in the next cycle", what,
                           exc.message, exc.hint)
                 self._stopped(exc)
                 return
             except Exception as exc:
                 # A fault outside any one item (a bug): the other stages still run, the daemon lives on.
-                log.error("%s failed unexpectedly (%s); it is retried in the next cycle", stage.__name__,
+                log.error("%s failed unexpectedly (%s); it is retried in the next cycle", what,
                           type(exc).__name__)
-                log.debug("%s failed", stage.__name__, exc_info=exc)
-                self._stopped(StateError(f"{stage.__name__} failed unexpectedly ({type(exc).__name__})",
+                log.debug("%s failed", what, exc_info=exc)
+                self._stopped(StateError(f"{what} failed unexpectedly ({type(exc).__name__})",
                                          "see the log; retried in the next cycle"))
 
     def _stopped(self, error: DicommailError) -> None:
