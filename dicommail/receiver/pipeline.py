@@ -891,15 +891,15 @@ class Pipeline:
                 with self.db.transaction() as conn:
                     conn.execute("UPDATE forwarded_instances SET state = 'stored' WHERE set_ref = ? "
                                  "AND sop_instance_uid = ?", (set_ref, uid))
-                log.info("set %s: an instance in flight during a crash is in the destination already",
-                         verified.set_id)
+                log.info("set %s: an instance whose C-STORE answer was lost (a crash, a dropped connection) "
+                         "is in the destination already", verified.set_id)
             elif held is None:
                 # The row stays "sending": should this attempt fail too (the PACS is down), the next asks again.
-                log.warning("set %s: the destination cannot tell whether it stored an instance that was in "
-                            "flight during a crash; it is sent again", verified.set_id)
+                log.warning("set %s: the destination cannot tell whether it stored an instance whose C-STORE "
+                            "answer was lost (a crash, a dropped connection); it is sent again", verified.set_id)
             else:
-                log.info("set %s: an instance in flight during a crash is not in the destination; it is sent "
-                         "again", verified.set_id)
+                log.info("set %s: an instance whose C-STORE answer was lost (a crash, a dropped connection) "
+                         "is not in the destination; it is sent again", verified.set_id)
 
     # -- incomplete sets -------------------------------------------------------------------
 
