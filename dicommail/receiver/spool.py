@@ -92,6 +92,13 @@ class Spool:
         for temporary in self.parts.glob("**/.*.tmp"):
             temporary.unlink(missing_ok=True)
             removed += 1
+        # A notification being signed and encrypted when the crash came (its report, gpg's output).
+        notifying = self.root / "notifications" / "work"
+        if notifying.is_dir():
+            for entry in list(notifying.iterdir()):
+                if entry.is_file() or entry.is_symlink():
+                    entry.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
     def quarantine_files(

@@ -400,11 +400,15 @@ def test_a_restart_sweeps_orphans_left_by_a_crash(practice: Site, tmp_path: Path
     loose = spool.parts / ("f" * 32) / "00001"
     loose.mkdir(parents=True)
     (loose / "00001.part").write_bytes(b"decrypted, but never recorded")
+    notifying = spool.root / "notifications" / "work"
+    notifying.mkdir(parents=True)
+    (notifying / ".notification-34.asc.abc.part").write_bytes(b"half of gpg's output")
     site = Receiving(practice, tmp_path)
     site.pipeline.run_once()
     assert list(site.spool.work.iterdir()) == []
     assert list(site.spool.inbox.iterdir()) == []
     assert list(site.spool.parts.iterdir()) == []
+    assert list(notifying.iterdir()) == []
     site.db.close()
 
 
