@@ -114,11 +114,11 @@ def _receive_into_pacs(practice: Home, pacs: Pacs, uids: set[str], timeout: floa
         time.sleep(0.5)
 
 
-def _associate(port: int, contexts: list[tuple[str, str]], called: str = ROUTE, calling: str = "HOSPPACS"
-               ) -> Association:
+def _associate(port: int, contexts: list[tuple[str, str]], called: str = ROUTE, calling: str = "HOSPPACS",
+               dimse_timeout: float = 5) -> Association:
     ae = AE(ae_title=calling)
     # pynetdicom sometimes misses a peer killed mid-association and waits for the timeout.
-    ae.dimse_timeout = 5
+    ae.dimse_timeout = dimse_timeout
     return ae.associate("127.0.0.1", port, [build_context(sop, [syntax]) for sop, syntax in contexts],
                         ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
 
@@ -228,7 +228,8 @@ def test_a_thousand_small_instances(gateway: Gateway) -> None:
     study_uid = generate_uid()
     datasets = [_tiny(study_uid, n, size=4) for n in range(1, 1001)]
     started = time.monotonic()
-    assoc = _associate(gateway.port, [(CT, ExplicitVRLittleEndian)])
+    # Each answer waits for an fsync: on a busy shared disk one can take seconds.
+    assoc = _associate(gateway.port, [(CT, ExplicitVRLittleEndian)], dimse_timeout=60)
     assert _push(assoc, datasets) == [0] * 1000
     assoc.release()
     received = time.monotonic() - started
