@@ -254,7 +254,9 @@ class StoreService:
             # pynetdicom rejects it next; said here, or a PACS locked out would leave no trace.
             now = time.monotonic()
             with self._lock:
-                due, self._limit_logged = now - self._limit_logged >= _LIMIT_LOG_INTERVAL, now
+                due = now - self._limit_logged >= _LIMIT_LOG_INTERVAL
+                if due:
+                    self._limit_logged = now
             if due:
                 log.warning("rejected association from %s@%s to %s: %d associations are open, the most the "
                             "gateway serves at once; the sender retries later (logged once a minute)",

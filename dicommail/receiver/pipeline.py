@@ -89,6 +89,8 @@ MAX_BACKOFF = 1800.0
 MAX_MISMATCHED = 1000
 #: Combinations of fragment candidates tried per group and cycle (forged duplicates make more).
 MAX_FRAGMENT_COMBINATIONS = 16
+#: Combinations looked at (tried or skipped as tried before) in one round: a bound on its work.
+MAX_FRAGMENT_LOOKS = 4096
 #: ``receiver.forward`` values: the whole verified set at once, or each verified part as it comes.
 FORWARD_COMPLETE = "complete"
 FORWARD_PROGRESSIVE = "progressive"
@@ -200,15 +202,25 @@ def _fragment_combinations(choices: list[list[Any]], tried_before: int) -> Itera
     """At most :data:`MAX_FRAGMENT_COMBINATIONS` ways to pick one candidate per fragment number.
 
     Only combinations with a fragment newer than ``tried_before`` (the last
-    round's newest) are new.  The newest candidates come first, then the
-    oldest: a genuine mail arriving after forgeries, or before them, is the
-    first or second try, however many numbers were forged.
+    round's newest) are new.  The fragments of one mail arrive together, so
+    each candidate, newest first, anchors the combination of the candidates
+    nearest to it in arrival: the genuine mail is found whether forgeries came
+    before it, after it or both.  Then other combinations, newest first; the
+    work of a round is bounded however many candidates there are.
     """
     newest_first = [sorted(candidates, key=lambda m: -m["id"]) for candidates in choices]
-    firsts = [tuple(c[0] for c in newest_first), tuple(c[-1] for c in newest_first)]
+    anchors = sorted({m["id"] for candidates in choices for m in candidates}, reverse=True)
+
+    def nearest(at: int) -> tuple[Any, ...]:
+        return tuple(min(candidates, key=lambda m: (abs(m["id"] - at), -m["id"])) for candidates in newest_first)
+
+    by_time = (nearest(at) for at in anchors)
     seen: set[tuple[int, ...]] = set()
-    yielded = 0
-    for combination in chain(firsts, product(*newest_first)):
+    yielded = looked = 0
+    for combination in chain(by_time, product(*newest_first)):
+        looked += 1
+        if looked > MAX_FRAGMENT_LOOKS:
+            return
         key = tuple(m["id"] for m in combination)
         if key in seen or max(key) <= tried_before:
             continue
@@ -453,12 +465,15 @@ class Pipeline:
             by_number.setdefault(member["fragment_number"], []).append(member)
         totals = sorted({m["fragment_total"] for m in members if m["fragment_total"]})
         last_error: DicommailError | None = None
-        tried = False
+        tried = complete = False
         for total in totals:
             if any(n not in by_number for n in range(1, total + 1)):
                 continue
+            complete = True
             choices = [by_number[n] for n in range(1, total + 1)]
             for combination in _fragment_combinations(choices, tried_before):
+                if self.should_stop():
+                    return
                 tried = True
                 error = self._try_fragments(fragment_id, list(combination))
                 if error is None:
@@ -470,6 +485,11 @@ class Pipeline:
                     return
                 last_error = error
         if not tried:
+            if complete:  # nothing new to try (a byte-identical copy, say): not looked at again
+                with self.db.transaction() as conn:
+                    conn.execute("INSERT INTO fragment_groups (sender, fragment_id, tried_upto, last_error) "
+                                 "VALUES (?, ?, ?, '') ON CONFLICT (sender, fragment_id) DO UPDATE SET "
+                                 "tried_upto = excluded.tried_upto", (sender, fragment_id, newest))
             return  # wait for the rest; expiry reports it if it never comes
         assert last_error is not None
         with self.db.transaction() as conn:

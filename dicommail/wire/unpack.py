@@ -616,19 +616,16 @@ def safe_file_name(name: str, fallback: str) -> str:
     A long name keeps its ending (``.dcm``, say) and is cut at a character
     boundary: 200 characters of CJK script would be 600 bytes.
     """
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    # Lone surrogates (escaped bytes in a manifest's JSON) cannot be file names: "?", then "_".
+    base = name.encode("utf-8", "replace").decode("utf-8").replace("\\", "/").rsplit("/", 1)[-1]
     base = _UNSAFE_NAME.sub("_", base).strip().lstrip(".").strip()
-    if not base:
-        return fallback
-    encoded = base.encode("utf-8", "surrogateescape")
-    if len(encoded) <= MAX_NAME_BYTES:
-        return base
-    stem, dot, suffix = base.rpartition(".")
-    ending = f"{dot}{suffix}".encode("utf-8", "surrogateescape") if dot and stem else b""
-    if len(ending) > 16:  # not an extension: cut the whole name
-        ending = b""
-    head = encoded[: MAX_NAME_BYTES - len(ending)].decode("utf-8", "ignore")
-    return head.rstrip() + ending.decode("utf-8", "surrogateescape")
+    encoded = base.encode("utf-8")
+    if len(encoded) > MAX_NAME_BYTES:
+        stem, dot, suffix = base.rpartition(".")
+        ending = f"{dot}{suffix}".encode() if dot and stem and len(suffix.encode()) < 16 else b""
+        head = encoded[: MAX_NAME_BYTES - len(ending)].decode("utf-8", "ignore").rstrip()
+        base = (head + ending.decode()).lstrip(".").strip()
+    return base if base.strip(".") else fallback  # never empty, ".", ".." or a hidden file
 
 
 def _set_folder(verified: VerifiedSet, signers: list[str]) -> str:

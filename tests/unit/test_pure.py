@@ -129,6 +129,11 @@ def test_safe_param_and_file_names() -> None:
     assert safe_file_name("C:\\x\\..\\y.dcm", "f") == "y.dcm"
     assert safe_file_name("..", "fallback") == "fallback"
     assert safe_file_name("", "fallback") == "fallback"
+    # Escaped bytes from a manifest's JSON, or only dots once cut: never "", "." or a hidden file.
+    for name in ("\udcff" * 300, "\udcff" * 300 + "..", "\ud800", "...", ". ."):
+        result = safe_file_name(name, "fallback")
+        assert result and result.strip(".") and not result.startswith(".") and len(result.encode()) <= 200
+    assert safe_file_name("\udcff" * 300 + ".dcm", "f").endswith(".dcm")
 
 
 def _items(*sizes: int) -> list[_Item]:
@@ -238,3 +243,20 @@ def test_example_configs_pass_the_acknowledgements_check(name: str, tmp_path: Pa
     path = Path(__file__).resolve().parents[2] / "examples" / name
     config = parse_config(tomllib.loads(path.read_text()), tmp_path, str(path))
     assert isinstance(_check_acknowledgements(config), str)
+
+
+def test_fragment_combinations_are_bounded_and_find_a_mail_between_forgeries() -> None:
+    # A round with nothing new walked the whole product (2^n); forgeries before and after the
+    # genuine fragments hid them from the first 16 tries.
+    import itertools
+
+    from dicommail.receiver.pipeline import MAX_FRAGMENT_COMBINATIONS, _fragment_combinations
+
+    ids = itertools.count(1)
+    old = [[{"id": next(ids)} for _ in range(2)] for _ in range(40)]
+    assert list(_fragment_combinations(old, tried_before=80)) == []  # at once, not after 2^40 looks
+    for numbers in (3, 6, 12):
+        choices = [[{"id": k, "who": "A"}, {"id": 100 + k, "who": "G"}, {"id": 200 + k, "who": "B"}]
+                   for k in range(numbers)]
+        tried = [tuple(m["who"] for m in c) for c in _fragment_combinations(choices, 0)]
+        assert ("G",) * numbers in tried and len(tried) <= MAX_FRAGMENT_COMBINATIONS
