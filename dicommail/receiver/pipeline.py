@@ -203,18 +203,27 @@ def _fragment_combinations(choices: list[list[Any]], tried_before: int) -> Itera
 
     Only combinations with a fragment newer than ``tried_before`` (the last
     round's newest) are new.  The fragments of one mail arrive together, so
-    each candidate, newest first, anchors the combination of the candidates
+    each copy of fragment 1, newest first, anchors the combination of the
+    copies that came right after it, then each candidate the combination
     nearest to it in arrival: the genuine mail is found whether forgeries came
     before it, after it or both.  Then other combinations, newest first; the
     work of a round is bounded however many candidates there are.
     """
     newest_first = [sorted(candidates, key=lambda m: -m["id"]) for candidates in choices]
-    anchors = sorted({m["id"] for candidates in choices for m in candidates}, reverse=True)
+
+    def after(at: int) -> tuple[Any, ...]:
+        # For each number the first copy that came at or after ``at`` (else the nearest before it).
+        return tuple(min((m for m in candidates if m["id"] >= at), key=lambda m: m["id"],
+                         default=min(candidates, key=lambda m: at - m["id"])) for candidates in newest_first)
 
     def nearest(at: int) -> tuple[Any, ...]:
         return tuple(min(candidates, key=lambda m: (abs(m["id"] - at), -m["id"])) for candidates in newest_first)
 
-    by_time = (nearest(at) for at in anchors)
+    # Anchored on each copy of the first fragment (a mail's wave starts with it, as a rule),
+    # then on every copy of any number: the waves of the genuine mail and of forgeries.
+    firsts = [m["id"] for m in newest_first[0]]
+    anchors = sorted({m["id"] for candidates in choices for m in candidates}, reverse=True)
+    by_time = chain((after(at) for at in firsts), (nearest(at) for at in anchors))
     seen: set[tuple[int, ...]] = set()
     yielded = looked = 0
     for combination in chain(by_time, product(*newest_first)):
