@@ -411,8 +411,10 @@ def _check_gateway(config: Config, peer_keys: dict[str, CheckResult]) -> str | _
     # AE titles were checked when the config was read: an invalid one is a config error.
     routes = f"AE {config.gateway.aet}, routes {', '.join(config.routes)}"
     studies = _gateway_studies(config)
-    if studies is not None:
+    if studies is not None and (studies.status == "failed" or port.status == "ok"):
         return studies
+    if studies is not None:  # both warnings: the port's and the studies'
+        return _Outcome("warning", f"{port.detail}; {studies.detail}", f"{port.hint}; {studies.hint}")
     return _Outcome(port.status, f"{port.detail}; {routes}", port.hint)
 
 
@@ -432,13 +434,22 @@ def _gateway_studies(config: Config) -> _Outcome | None:
     try:
         waiting = db.query("SELECT id, error FROM gateway_studies WHERE status = 'complete' AND error IS NOT NULL"
                            " ORDER BY id")
-        failed = db.query("SELECT id, error FROM gateway_studies WHERE status = 'failed' AND updated_at >= ?"
-                          " ORDER BY id", (time.time() - _FAILED_STUDY_DAYS * 86400,))
+        # Not one the PACS has sent again since (a later study of that UID and route went out or is
+        # going), nor one whose failed transfers were all retried (`transfers retry`).
+        failed = db.query(
+            "SELECT id, error FROM gateway_studies f WHERE status = 'failed' AND updated_at >= ? AND NOT EXISTS"
+            " (SELECT 1 FROM gateway_studies g WHERE g.route = f.route AND g.study_uid = f.study_uid"
+            " AND g.id > f.id AND g.status != 'failed')"
+            " AND (NOT EXISTS (SELECT 1 FROM gateway_transfers gt WHERE gt.study_id = f.id) OR EXISTS"
+            " (SELECT 1 FROM gateway_transfers gt JOIN transfers t ON t.id = gt.transfer_id WHERE gt.study_id = f.id"
+            " AND t.status IN ('failed', 'expired', 'cancelled'))) ORDER BY id",
+            (time.time() - _FAILED_STUDY_DAYS * 86400,))
     finally:
         db.close()
     if failed:
         return _Outcome("failed", f"{len(failed)} gateway stud{'y' if len(failed) == 1 else 'ies'} failed in the "
-                                  f"last {_FAILED_STUDY_DAYS} days (study {failed[0]['id']}: {failed[0]['error']})",
+                                  f"last {_FAILED_STUDY_DAYS} days (study {failed[0]['id']}: "
+                                  f"{failed[0]['error'] or 'its transfer failed'})",
                         "send them again from the PACS; `dicommail logs` says why they failed")
     if waiting:
         return _Outcome("warning", f"{len(waiting)} gateway stud{'y' if len(waiting) == 1 else 'ies'} wait to be "

@@ -363,6 +363,17 @@ def test_check_shows_gateway_studies_that_wait_or_failed_and_a_short_spool(tmp_p
     db.close()
     found = checks._gateway_studies(config)
     assert found is not None and found.status == "failed" and "send them again" in found.hint
+    db = Database(config.state_db)
+    with db.transaction() as conn:  # a transfer that failed leaves no error on the study
+        conn.execute("UPDATE gateway_studies SET error = NULL WHERE id = 1")
+    found = checks._gateway_studies(config)
+    assert found is not None and "None" not in found.detail
+    with db.transaction() as conn:  # the PACS sent it again, as the hint says: the failure is behind us
+        conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
+                     " first_received_at, last_received_at, updated_at) VALUES (2, 'DR', '1.2.3', 'sent', 1,"
+                     " 'PACS', '127.0.0.1', ?, ?, ?)", (now, now, now))
+    db.close()
+    assert checks._gateway_studies(config) is None
     assert isinstance(checks._check_spool_space(config), str)  # a plain pass: the free space
     short = checks._check_spool_space(dataclasses.replace(
         config, retention=dataclasses.replace(config.retention, min_free_space=2**62)))
