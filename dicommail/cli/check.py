@@ -9,7 +9,7 @@ from rich.text import Text
 
 from dicommail import CheckResult
 from dicommail.cli.main import AppContext, pass_app
-from dicommail.cli.render import EXIT_FAILURE, for_this_home, out, print_json
+from dicommail.cli.render import EXIT_FAILURE, for_this_home, handle_errors, out, print_json
 from dicommail.errors import DicommailError
 
 #: How each status looks in the table.
@@ -24,6 +24,7 @@ _GAP = 2
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @pass_app
+@handle_errors
 def check(app: AppContext, as_json: bool) -> None:
     """Check that this site can run: config, secret files, keys, a test signature, SMTP, mailbox, PACS, gateway.
 
@@ -40,7 +41,8 @@ def check(app: AppContext, as_json: bool) -> None:
     warnings = [r for r in results if r.status == "warning"]
     if as_json:
         overall = "failed" if failed else "warning" if warnings else "ok"
-        print_json({"ok": not failed, "status": overall, "checks": [r.to_json() for r in results]})
+        documents = [{**r.to_json(), "hint": for_this_home(r.hint) if r.hint else None} for r in results]
+        print_json({"ok": not failed, "status": overall, "checks": documents})
     else:
         out.print(_table(results, out.width), soft_wrap=False)  # the table wraps in its cells
         out.print(_summary(results))

@@ -285,7 +285,9 @@ def cli(ctx: click.Context) -> None:
 
     home: Path | None = ctx.meta.get(_HOME_KEY)
     default = default_home().expanduser().absolute()
-    ctx.obj = AppContext(home or default, default)
+    # Hints name --home unless the home is ~/.dicommail: one from $DICOMMAIL_HOME (a unit's
+    # Environment=) is not what the admin's own shell would use.
+    ctx.obj = AppContext(home or default, (Path.home() / ".dicommail").absolute())
 
 
 def next_steps(home: Path, config_file: Path, address: str) -> list[str]:

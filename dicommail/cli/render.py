@@ -46,10 +46,20 @@ def set_home(home: Path, default: Path, commands: Iterable[str] = ()) -> None:
 
     ``commands``: the subcommands' names, which tell a command ("dicommail keys ...") from prose.
     """
-    _Output.home_option = "" if home == default else f" --home {shlex.quote(str(home))}"
+    _Output.home_option = "" if home == default else f" --home {_quoted(str(home))}"
     if commands:
         names = "|".join(sorted(map(re.escape, commands), key=len, reverse=True))
-        _Output.command = re.compile(rf"\bdicommail(?= +(?:-[a-z]\S* +)*(?:{names})\b)")
+        # Options before the command ("-q", "--json") are stepped over; "--home" means it is there already.
+        _Output.command = re.compile(rf"\bdicommail(?= +(?:--?(?!home\b)[a-z][\w-]* +)*(?:{names})\b)")
+
+
+def _quoted(path: str) -> str:
+    """``path`` for a shell: as it is when it can be, else in double quotes (hints often sit in single ones)."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", path):
+        return path
+    if not re.search(r'["$`\\!]', path):
+        return f'"{path}"'
+    return shlex.quote(path)
 
 
 def for_this_home(text: str) -> str:

@@ -76,7 +76,7 @@ def send(
 
             def waiting() -> None:
                 bars.close()  # the packing bar, if it is still shown
-                info("waiting for another dicommail send to finish")
+                info("waiting for another process sending from this home to finish")
 
             if pending:
                 results = site.send_pending(sender=sender, progress=bars, on_wait=waiting)

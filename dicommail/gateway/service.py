@@ -78,7 +78,7 @@ def gateway_lock(home: Path) -> Iterator[None]:
     with pid_lock(home / "gateway.lock") as locked:
         if not locked:
             raise GatewayLockedError(
-                f"another dicommail gateway is running for {home}", "run one gateway per home; stop the other one"
+                f"another gateway is running for {home}", "run one gateway per home; stop the other one"
             )
         yield
 

@@ -98,7 +98,7 @@ def receiver_lock(home: Path) -> Iterator[None]:
     with pid_lock(home / "receiver.lock") as locked:
         if not locked:
             raise ReceiverLockedError(
-                f"another dicommail receiver is running for {home}",
+                f"another receiver is running for {home}",
                 "run one receiver per home and mailbox; stop the other one first",
             )
         yield
@@ -337,7 +337,7 @@ class Receiver:
                 )
             with try_sender_lock(self.config.spool / "outbox") as locked:
                 if not locked:
-                    log.info("another dicommail send is running; the outbox is left to it this cycle")
+                    log.info("another process is sending from this home; the outbox is left to it this cycle")
                     return
                 sender = self.config.identity.address or self.notifier_sender()
                 results = await send_pending(self.db, self._smtp, sender=sender,

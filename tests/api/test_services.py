@@ -129,7 +129,7 @@ def test_a_receiver_task_stops_cleanly_when_told(hospital: Home, practice: Home,
         with pytest.raises(ReceiverLockedError) as locked:
             await site.receive(once=True)
         assert isinstance(locked.value, LockedError) and locked.value.code == "locked"
-        assert "another dicommail receiver" in locked.value.message and locked.value.hint
+        assert "another receiver is running" in locked.value.message and locked.value.hint
         stop.set()
         await receiver  # returns None once stopped
         # The lock is free again.
@@ -188,7 +188,7 @@ def test_a_gateway_task_answers_c_echo_and_stops_cleanly(mail_servers: MailServe
         assert echo.returncode == 0, err.decode()
         with pytest.raises(GatewayLockedError) as locked:
             await site.gateway()
-        assert isinstance(locked.value, LockedError) and "another dicommail gateway" in locked.value.message
+        assert isinstance(locked.value, LockedError) and "another gateway is running" in locked.value.message
         stop.set()
         await gateway
         assert not port_listening(port)

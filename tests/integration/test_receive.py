@@ -176,7 +176,7 @@ def test_one_receiver_per_home(practice: Home) -> None:
     try:
         time.sleep(2)
         second = practice.run("receive", "--once")
-        assert second.returncode == 1 and "another dicommail receiver" in second.stderr
+        assert second.returncode == 1 and "another receiver is running" in second.stderr
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.communicate(timeout=30)

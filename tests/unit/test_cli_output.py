@@ -230,9 +230,12 @@ def test_commands_named_in_hints_carry_this_home(tmp_path: Path) -> None:
     set_home(home, tmp_path / "default", ["keys", "send", "check", "status", "gateway"])
     try:
         assert for_this_home("then run: dicommail keys certify ABC") == \
-            f"then run: dicommail --home '{home}' keys certify ABC"
+            f'then run: dicommail --home "{home}" keys certify ABC'
         assert for_this_home("`dicommail send --pending` from cron") == \
-            f"`dicommail --home '{home}' send --pending` from cron"
+            f'`dicommail --home "{home}" send --pending` from cron'
+        # In single quotes (usage hints), and after an option: still one word a shell reads right.
+        assert for_this_home("see 'dicommail status --help'") == f"""see 'dicommail --home "{home}" status --help'"""
+        assert for_this_home("dicommail --json status") == f'dicommail --home "{home}" --json status'
         unchanged = [f"dicommail --home {home} status", "see dicommail.toml", "the dicommail home",
                      "this home's dicommail daemon runs"]
         assert [for_this_home(text) for text in unchanged] == unchanged
