@@ -41,7 +41,7 @@ from pathlib import Path
 from dicommail.config import Config
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import DicomFile, quiet_pydicom, read_dicom_info
+from dicommail.dicom import DicomFile, read_dicom_info
 from dicommail.errors import ConfigError, DicommailError, GatewayLockedError, InputError, TransportError
 from dicommail.gateway.ingest import (
     COMPLETE,
@@ -165,7 +165,7 @@ class Gateway:
         self._jobs: dict[int, asyncio.Task[None]] = {}
         self._not_before: dict[int, float] = {}  # study -> when a failed packing may be tried again
         self._pack_failures: dict[int, int] = {}  # study -> packing attempts that failed in a row
-        self._setup_waits: dict[int, int] = {}  # study -> packing attempts stopped by this site's setup
+        self._setup_waits: dict[int, int] = {}  # study -> packing attempts that wait for this site (a key, the disk)
         self._sending: set[int] = set()  # transfers a task is sending right now
         self._outbox_lock = _OutboxLock(config.spool / "outbox")
         self._retry_task: asyncio.Task[None] | None = None
@@ -344,7 +344,7 @@ class Gateway:
             # the mails' back-off, until the cause is gone.
             known = isinstance(exc, (DicommailError, OSError, sqlite3.Error))
             message = exc.message if isinstance(exc, DicommailError) else (
-                f"{getattr(exc, 'strerror', None) or type(exc).__name__}" if known else f"{type(exc).__name__}: {exc}")
+                (getattr(exc, "strerror", None) or type(exc).__name__) if known else f"{type(exc).__name__}: {exc}")
             hint = exc.hint if isinstance(exc, DicommailError) else "check the spool's disk and the log"
             waits = self._setup_waits.get(study_id, 0) + 1
             self._setup_waits[study_id] = waits
@@ -411,8 +411,7 @@ class Gateway:
                     conn.execute("INSERT INTO gateway_transfers (study_id, recipient, transfer_id) VALUES (?, ?, ?)",
                                  (study_id, recipient, transfer_id))
                     # Images, patient and study for `status` (--show-patient), as `send` records them.
-                    with quiet_pydicom(f"transfer {transfer_id}"):
-                        record_study_details(conn, transfer_id, files)
+                    record_study_details(conn, transfer_id, files)
 
                 queue_set(self.db, packed, on_queued=record)
                 log.info("study %s: set %s queued for %s (%d mail(s))", study["study_uid"], packed.set_id,

@@ -41,7 +41,7 @@ from dicommail.config import Config
 from dicommail.constancy.store import record_receipt
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import find_key
-from dicommail.dicom import DicomFile
+from dicommail.dicom import DicomFile, quiet_pydicom
 from dicommail.errors import CryptoError, DicommailError, StateError
 from dicommail.sender.outbox import FAILED, QUEUED, SENDING, SENT
 from dicommail.store.db import Database
@@ -97,7 +97,9 @@ def study_details(files: Sequence[DicomFile]) -> tuple[int, str, str]:
 
 def record_study_details(conn: sqlite3.Connection, transfer_id: int, files: Sequence[DicomFile]) -> None:
     """Remember what a transfer holds (a ``queue_set`` ``on_queued`` hook); never leaves this site."""
-    images, name, description = study_details(files)
+    # It reads the patient's name with pydicom: odd values must not warn on the terminal.
+    with quiet_pydicom(f"transfer {transfer_id}"):
+        images, name, description = study_details(files)
     conn.execute(
         "INSERT INTO transfer_tracking (transfer_id, images, patient_name, study_description) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (transfer_id) DO UPDATE SET images = excluded.images, patient_name = excluded.patient_name, "
@@ -546,25 +548,18 @@ def final_report(db: Database, transfer_id: int) -> dict[str, object] | None:
     return data
 
 
-def refusal(action: str, set_id: str, status: str) -> StateError | None:
-    """Why ``action`` (retry, cancel, delete) cannot be done to a transfer in ``status``; None if it can.
+def refuse(action: str, set_id: str, status: str) -> None:
+    """Raise :class:`StateError` if ``action`` (retry, cancel, delete) cannot be done to a transfer in ``status``.
 
     Asked before the operator is asked to confirm, and again in the transaction that acts.
     """
     if action == "retry" and status not in UNSUCCESSFUL:
-        return StateError(f"set {set_id} is {status}: only failed, expired or cancelled transfers can be retried",
-                          f"see `dicommail status {set_id}`")
+        raise StateError(f"set {set_id} is {status}: only failed, expired or cancelled transfers can be retried",
+                         f"see `dicommail status {set_id}`")
     if action == "cancel" and status not in ACTIVE:
-        return StateError(f"set {set_id} is {status}: only active transfers can be cancelled")
+        raise StateError(f"set {set_id} is {status}: only active transfers can be cancelled")
     if action == "delete" and status in ACTIVE:
-        return StateError(f"set {set_id} is still {status}", f"cancel it first: dicommail transfers cancel {set_id}")
-    return None
-
-
-def _refuse(action: str, transfer: sqlite3.Row) -> None:
-    problem = refusal(action, transfer["set_id"], transfer["status"])
-    if problem is not None:
-        raise problem
+        raise StateError(f"set {set_id} is still {status}", f"cancel it first: dicommail transfers cancel {set_id}")
 
 
 def retry_transfer(db: Database, transfer_id: int, now: Callable[[], float] = time.time) -> int:
@@ -573,7 +568,7 @@ def retry_transfer(db: Database, transfer_id: int, now: Callable[[], float] = ti
         transfer = conn.execute("SELECT * FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
         if transfer is None:
             raise StateError(f"transfer {transfer_id} is not in the outbox")
-        _refuse("retry", transfer)
+        refuse("retry", transfer["set_id"], transfer["status"])
         acked = {r[0] for r in conn.execute(
             "SELECT DISTINCT set_part FROM acknowledgements WHERE transfer_id = ? AND accepted = 1 AND scope = ? "
             "AND outcome IN (?, ?)", (transfer_id, n.PART, n.SUCCESS, n.WARNING))}
@@ -603,7 +598,7 @@ def cancel_transfer(db: Database, transfer_id: int, now: Callable[[], float] = t
         transfer = conn.execute("SELECT * FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
         if transfer is None:
             raise StateError(f"transfer {transfer_id} is not in the outbox")
-        _refuse("cancel", transfer)
+        refuse("cancel", transfer["set_id"], transfer["status"])
         conn.execute("UPDATE transfers SET status = ?, error = ?, updated_at = ? WHERE id = ?",
                      (CANCELLED, "cancelled by the operator", now(), transfer_id))
         add_event(conn, transfer_id, "cancelled", "by the operator; mails not yet sent stay unsent", at=now())
@@ -614,7 +609,7 @@ def delete_transfer(db: Database, transfer_id: int) -> int:
     transfer = db.query("SELECT * FROM transfers WHERE id = ?", (transfer_id,))
     if not transfer:
         raise StateError(f"transfer {transfer_id} is not in the outbox")
-    _refuse("delete", transfer[0])
+    refuse("delete", transfer[0]["set_id"], transfer[0]["status"])
     paths = [Path(r["path"]) for r in db.query("SELECT path FROM outbound_mails WHERE transfer_id = ?",
                                                 (transfer_id,))]
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from dicommail.config import is_mail_address
 from dicommail.constancy.values import ConstancyMark
 from dicommail.crypto.gpg import Keyring
 from dicommail.crypto.keys import own_key
-from dicommail.dicom import DicomFile, quiet_pydicom, scan
+from dicommail.dicom import DicomFile, scan
 from dicommail.errors import ConfigError, DicommailError, InputError
 from dicommail.identity import own_addresses
 from dicommail.sender.outbox import (
@@ -178,7 +177,8 @@ class Sending(SiteBase):
         with self._database() as db:
             # What each transfer holds (images, patient, study) is remembered locally, for `transfers()`.
             transfer_ids = [
-                queue_set(db, packed, on_queued=functools.partial(_remember, studies.get(packed.study_uid, [])))
+                queue_set(db, packed, on_queued=functools.partial(record_study_details,
+                                                                  files=studies.get(packed.study_uid, [])))
                 for packed in sets
             ]
             try:
@@ -340,9 +340,3 @@ def _pack_studies(
     packer = Packer(keyring, options, progress=counter.advance)
     for files in studies.values():
         sets.append(packer.pack(files, out_dir))
-
-
-def _remember(files: list[DicomFile], conn: sqlite3.Connection, transfer_id: int) -> None:
-    # It reads the patient's name with pydicom: odd values must not warn on the terminal.
-    with quiet_pydicom(f"transfer {transfer_id}"):
-        record_study_details(conn, transfer_id, files)

@@ -405,9 +405,7 @@ class Tracking(SiteBase):
         # No expiry first (unlike transfer()): these act on the state the operator was shown.
         with self._database() as db:
             view = _t.get_transfer(db, str(ident))
-            problem = _t.refusal(action, view.set_id, view.status)
-            if problem is not None:
-                raise problem  # before the operator is asked to confirm what cannot be done
+            _t.refuse(action, view.set_id, view.status)  # before the operator is asked to confirm it
             if confirm is not None and not confirm(view):
                 raise InputError("not confirmed; nothing was changed")
             if action == "retry":
