@@ -12,7 +12,6 @@ import errno
 import fcntl
 import functools
 import shlex
-import shutil
 import socket
 import stat
 import tempfile
@@ -372,7 +371,7 @@ def _check_pacs(config: Config) -> str:
 def _check_spool_space(config: Config) -> str | _Outcome:
     """Below retention.min_free_space the gateway refuses every instance and the receiver fetches nothing."""
     from dicommail.config import format_size
-    from dicommail.site.operations import free_space_short
+    from dicommail.site.operations import free_space, free_space_short
 
     minimum = config.retention.min_free_space
     short = free_space_short(config.spool, minimum)
@@ -382,10 +381,7 @@ def _check_spool_space(config: Config) -> str | _Outcome:
                                   "instance 'out of resources' and the receiver fetches no mail",
                         f"free disk space (see `dicommail --home {shlex.quote(str(config.home))} cleanup "
                         "--dry-run`) or lower retention.min_free_space")
-    probe = config.spool
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    free = format_size(shutil.disk_usage(probe).free)
+    free = format_size(free_space(config.spool))
     return f"{free} free" + (f" (at least {format_size(minimum)} kept free)" if minimum else "")
 
 

@@ -288,17 +288,19 @@ def _clean_quarantine(tally: _Tally, folder: Path, dry_run: bool, before: float)
     return tally
 
 
-def free_space_short(path: Path, minimum: int) -> int | None:
-    """The free bytes on ``path``'s file system if they are below ``minimum``, else None (also for 0).
-
-    ``path`` may not exist yet: its nearest existing parent counts.
-    """
-    if minimum <= 0:
-        return None
+def free_space(path: Path) -> int:
+    """The free bytes on ``path``'s file system; ``path`` may not exist yet: its nearest existing parent counts."""
     probe = path
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    return shutil.disk_usage(probe).free
+
+
+def free_space_short(path: Path, minimum: int) -> int | None:
+    """The free bytes on ``path``'s file system if they are below ``minimum``, else None (also for 0)."""
+    if minimum <= 0:
+        return None
+    free = free_space(path)
     return free if free < minimum else None
 
 
