@@ -205,4 +205,3 @@ class UnexpectedError(DicommailError):
 #: wrong passphrase, a config that no longer fits.  The same for every item until the admin fixes
 #: it, so nothing is given up for them: the work waits and is tried again.
 SETUP_ERRORS: tuple[type[DicommailError], ...] = (ConfigError, KeyNotFoundError, AmbiguousKeyError, PassphraseError)
-

@@ -189,7 +189,8 @@ def _distinct_fragments(members: list[Any]) -> list[Any]:
     distinct = []
     for member in sorted(members, key=lambda m: m["id"]):
         try:
-            digest = hashlib.sha256(Path(member["spool_path"]).read_bytes()).hexdigest()
+            with Path(member["spool_path"]).open("rb") as handle:  # a mail each: hashed in chunks, not read whole
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
         except OSError:
             digest = f"unreadable-{member['id']}"  # tried as it is: opening it says what is wrong
         if (member["fragment_number"], digest) not in seen:

@@ -628,12 +628,12 @@ def safe_file_name(name: str, fallback: str) -> str:
     return base if base.strip(".") else fallback  # never empty, ".", ".." or a hidden file
 
 
-def _set_folder(verified: VerifiedSet, signers: list[str]) -> str:
+def _set_folder(verified: VerifiedSet, first_signer: str) -> str:
     """``<set id>``, or ``<set id>.<signer key id>`` for all but the first signer of a set ID in one job.
 
     Two peers may use the same set ID; neither set may stand in for the other.
     """
-    if signers and signers[0] != verified.signer.fingerprint:
+    if first_signer != verified.signer.fingerprint:
         return f"{verified.set_id}.{verified.signer.fingerprint[-16:]}"
     return verified.set_id
 
@@ -892,9 +892,9 @@ def unpack_files(
                 for future in decrypting_ahead.values():
                     future.cancel()
 
-        signers: dict[str, list[str]] = {}  # set id -> its signers' fingerprints, in order
+        first_signer: dict[str, str] = {}  # set id -> the fingerprint of the first key that signed one
         for signer, set_id in parts:
-            signers.setdefault(set_id, []).append(signer)
+            first_signer.setdefault(set_id, signer)
         for (_signer, set_id), members in parts.items():
             outcome = SetOutcome(
                 set_id=set_id,
@@ -905,7 +905,7 @@ def unpack_files(
             )
             try:
                 verified = verify_set(members)
-                outcome.directory = write_set(verified, out_dir, _set_folder(verified, signers[set_id]))
+                outcome.directory = write_set(verified, out_dir, _set_folder(verified, first_signer[set_id]))
             except DicommailError as exc:
                 outcome.error = exc
             except OSError as exc:
