@@ -241,12 +241,18 @@ def test_imaps_fetch_moves_dicom_mail_and_leaves_other_mail_unseen(servers: Mail
     assert "\\Seen" not in left.flags
 
 
-def test_a_folder_the_server_refuses_does_not_stop_fetching_the_rest(servers: MailServers, state: State) -> None:
-    # One refused move stopped the whole fetch: every later mail (part 2 of a set) waited until the set expired.
+def _deliver_dicom(servers: MailServers, count: int) -> list[str]:
+    """Send ``count`` DICOM-Mail-like mails; return their subjects once all are in the INBOX."""
     tag = uuid.uuid4().hex[:8]
-    subjects = [f"DICOM-Mail {tag} {n}" for n in range(3)]
+    subjects = [f"DICOM-Mail {tag} {n}" for n in range(count)]
     _send(servers, *(_mail(subject, dicom=True) for subject in subjects))
     _wait_for(servers, set(subjects))
+    return subjects
+
+
+def test_a_folder_the_server_refuses_does_not_stop_fetching_the_rest(servers: MailServers, state: State) -> None:
+    # One refused move stopped the whole fetch: every later mail (part 2 of a set) waited until the set expired.
+    subjects = _deliver_dicom(servers, 3)
 
     async def scenario() -> None:
         async with _imap_retriever(servers, state, processed_folder="~Refused") as retriever:
@@ -261,10 +267,7 @@ def test_a_folder_the_server_refuses_does_not_stop_fetching_the_rest(servers: Ma
 
 
 def test_a_stopping_receiver_ends_the_fetch_after_the_current_mail(servers: MailServers, state: State) -> None:
-    tag = uuid.uuid4().hex[:8]
-    subjects = [f"DICOM-Mail {tag} {n}" for n in range(4)]
-    _send(servers, *(_mail(subject, dicom=True) for subject in subjects))
-    _wait_for(servers, set(subjects))
+    _deliver_dicom(servers, 4)
 
     async def scenario() -> None:
         async with _imap_retriever(servers, state) as retriever:

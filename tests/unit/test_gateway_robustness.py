@@ -98,13 +98,18 @@ def _gateway(tmp_path: Path) -> tuple[service.Gateway, Database]:
     return gateway, db
 
 
-def test_packing_failures_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    gateway, db = _gateway(tmp_path)
+def _add_study(db: Database, study_id: int = 1, status: str = COMPLETE, error: str | None = None) -> None:
+    """A gateway study of route DR with one instance, in ``status``."""
     now = time.time()
     with db.transaction() as conn:
         conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
-                     " first_received_at, last_received_at, updated_at) VALUES (1, 'DR', '1.2.3', ?, 1, 'PACS',"
-                     " '127.0.0.1', ?, ?, ?)", (COMPLETE, now, now, now))
+                     " first_received_at, last_received_at, updated_at, error) VALUES (?, 'DR', '1.2.3', ?, 1,"
+                     " 'PACS', '127.0.0.1', ?, ?, ?, ?)", (study_id, status, now, now, now, error))
+
+
+def test_packing_failures_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway, db = _gateway(tmp_path)
+    _add_study(db)
     attempts = []
 
     def broken(study_id: int) -> list[int]:
@@ -137,11 +142,7 @@ def test_a_study_stopped_by_this_sites_setup_waits_and_is_never_given_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception) -> None:
     # The PACS was told "success": giving the study up after a few minutes would lose it for good.
     gateway, db = _gateway(tmp_path)
-    now = time.time()
-    with db.transaction() as conn:
-        conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
-                     " first_received_at, last_received_at, updated_at) VALUES (1, 'DR', '1.2.3', ?, 1, 'PACS',"
-                     " '127.0.0.1', ?, ?, ?)", (COMPLETE, now, now, now))
+    _add_study(db)
 
     def unusable(study_id: int) -> list[int]:
         raise error
@@ -349,12 +350,7 @@ def test_check_shows_gateway_studies_that_wait_or_failed_and_a_short_spool(tmp_p
     config = parse_config({"identity": {"address": "hospital@hospital.test"},
                            "routes": {"DR": {"recipients": ["dr@practice.test"]}}}, tmp_path)
     db = Database(config.state_db)
-    now = time.time()
-    with db.transaction() as conn:
-        conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
-                     " first_received_at, last_received_at, updated_at, error) VALUES (1, 'DR', '1.2.3', ?, 1,"
-                     " 'PACS', '127.0.0.1', ?, ?, ?, 'cannot encrypt to dr@practice.test: no such key')",
-                     (COMPLETE, now, now, now))
+    _add_study(db, error="cannot encrypt to dr@practice.test: no such key")
     found = checks._gateway_studies(config)
     assert found is not None and found.status == "warning" and "1 gateway study wait" in found.detail
     with db.transaction() as conn:
@@ -368,10 +364,7 @@ def test_check_shows_gateway_studies_that_wait_or_failed_and_a_short_spool(tmp_p
         conn.execute("UPDATE gateway_studies SET error = NULL WHERE id = 1")
     found = checks._gateway_studies(config)
     assert found is not None and "None" not in found.detail
-    with db.transaction() as conn:  # the PACS sent it again, as the hint says: the failure is behind us
-        conn.execute("INSERT INTO gateway_studies (id, route, study_uid, status, instances, calling_aet, peer,"
-                     " first_received_at, last_received_at, updated_at) VALUES (2, 'DR', '1.2.3', 'sent', 1,"
-                     " 'PACS', '127.0.0.1', ?, ?, ?)", (now, now, now))
+    _add_study(db, 2, "sent")  # the PACS sent it again, as the hint says: the failure is behind us
     db.close()
     assert checks._gateway_studies(config) is None
     assert isinstance(checks._check_spool_space(config), str)  # a plain pass: the free space
