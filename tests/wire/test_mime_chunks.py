@@ -99,6 +99,21 @@ def _line_by_line(lines: list[bytes]) -> bytes | str:
     return error or bytes(out)
 
 
+def _walks_as_lines_decode(lines: list[bytes], eols: list[bytes], seed: int
+                           ) -> tuple[list[tuple[str, bytes]], bytes | None, bytes] | None:
+    """Assert that one base64 part of ``lines`` decodes (or fails) exactly as line by line; what it walked."""
+    raw = _single_part(lines, eols)
+    expected = _line_by_line(lines)
+    if isinstance(expected, str):
+        with pytest.raises(WireFormatError) as caught:
+            _walk(raw)
+        assert caught.value.message == expected, seed
+        return None
+    walked = _walk(raw)
+    assert walked[0] == [("application/dicom", expected)], seed
+    return walked
+
+
 def _odd_base64_lines(chooser: random.Random) -> list[bytes]:
     encoded = base64.b64encode(chooser.randbytes(chooser.randrange(0, 300)))
     lines = []
@@ -128,16 +143,8 @@ def test_base64_blocks_decode_exactly_as_lines_do() -> None:
         chooser = random.Random(seed)
         lines = _odd_base64_lines(chooser)
         eols = [chooser.choice([b"\r\n", b"\n", b" \r\n", b"\r\r\n"]) for _ in lines]
-        raw = _single_part(lines, eols)
-        expected = _line_by_line(lines)
-        if isinstance(expected, str):
-            with pytest.raises(WireFormatError) as caught:
-                _walk(raw)
-            assert caught.value.message == expected, seed
-        else:
-            parts, ended, rest = _walk(raw)
-            assert parts == [("application/dicom", expected)], seed
-            assert (ended, rest) == (None, b""), seed
+        walked = _walks_as_lines_decode(lines, eols, seed)
+        assert walked is None or walked[1:] == (None, b""), seed
 
 
 def test_delimiter_across_every_block_edge(monkeypatch: pytest.MonkeyPatch) -> None:
